@@ -1,0 +1,398 @@
+"""ModelConfig: the DeepSeek-V3 architecture as one dataclass, with Hugging Face field names.
+
+Field names and defaults are those of `transformers.DeepseekV3Config` (the released V3 shape), so a
+`config.json` maps both ways (`from_hf_dict` / `to_hf_dict`). Three fields come from DeepSeek's own
+configs and select the gate (`scoring_func`, `topk_method`) and the MoE layer stride (`moe_layer_freq`);
+V2 / V2-Lite use them. Every rule is checked at construction (`ValueError` naming field, value, rule).
+
+Presets (spec section 7): `tiny` (tests), `nano` (tiny-10M), `small` (tiny-100M), `v2-lite`, `v3-671b`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
+
+SCORING_FUNCS = ("sigmoid", "softmax")
+TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
+MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+
+
+@dataclass
+class ModelConfig:
+    # sizes
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432  # dense SwiGLU width (first `first_k_dense_replace` layers)
+    moe_intermediate_size: int = 2048  # width of one routed expert; shared experts are N_s times this
+    num_hidden_layers: int = 61
+    first_k_dense_replace: int = 3
+    moe_layer_freq: int = 1
+    # MLA (spec section 2)
+    num_attention_heads: int = 128
+    num_key_value_heads: int | None = None  # must equal num_attention_heads (MLA has no GQA)
+    q_lora_rank: int | None = 1536  # None: a plain q_proj (V2-Lite)
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    # DeepSeekMoE (spec section 4)
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    topk_method: str = "noaux_tc"  # noaux_tc: V3 (bias, group = top-2 sum); group_limited_greedy: V2 (group max); greedy
+    scoring_func: str = "sigmoid"  # sigmoid (V3) or softmax (V2)
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    # MTP (spec section 6)
+    num_nextn_predict_layers: int = 1
+    # positions (spec section 3)
+    max_position_embeddings: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
+    rope_interleave: bool = True  # DeepSeek's complex-pair layout; False: rotate-half layout
+    # misc
+    rms_norm_eps: float = 1e-6
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    bos_token_id: int | None = 0
+    eos_token_id: int | list[int] | None = 1
+    pad_token_id: int | None = None
+    model_type: str = "deepseek_v3"
+
+    def __post_init__(self):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.rope_scaling is not None:
+            self.rope_scaling = dict(self.rope_scaling)
+            if "type" not in self.rope_scaling and "rope_type" in self.rope_scaling:
+                self.rope_scaling["type"] = self.rope_scaling.pop("rope_type")
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        def bad(name: str, rule: str):
+            raise ValueError(f"{name}={getattr(self, name)!r} {rule}")
+
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "max_position_embeddings", "moe_layer_freq"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, "must be a positive integer")
+        for name in ("first_k_dense_replace", "n_shared_experts", "num_nextn_predict_layers"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                bad(name, "must be a non-negative integer")
+        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, int) or self.q_lora_rank <= 0):
+            bad("q_lora_rank", "must be a positive integer or None (no q-LoRA)")
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(f"num_key_value_heads={self.num_key_value_heads} must equal num_attention_heads="
+                             f"{self.num_attention_heads}: MLA shares one latent, it has no grouped KV heads")
+        if self.qk_rope_head_dim % 2:
+            bad("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)")
+        if self.first_k_dense_replace > self.num_hidden_layers:
+            raise ValueError(f"first_k_dense_replace={self.first_k_dense_replace} must be <= num_hidden_layers="
+                             f"{self.num_hidden_layers}")
+        if self.hidden_act != "silu":
+            bad("hidden_act", "is not supported: only 'silu' (SwiGLU)")
+        if self.attention_bias:
+            bad("attention_bias", "is not supported: DeepSeek attention has no biases")
+        if self.model_type not in MODEL_TYPES:
+            bad("model_type", f"must be one of {MODEL_TYPES}")
+        if not (self.rms_norm_eps > 0):
+            bad("rms_norm_eps", "must be > 0")
+        if not (self.initializer_range > 0):
+            bad("initializer_range", "must be > 0")
+        if not (self.rope_theta > 0):
+            bad("rope_theta", "must be > 0")
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            v = getattr(self, name)
+            for t in (v if isinstance(v, list) else [v]):
+                if t is not None and not (isinstance(t, int) and 0 <= t < self.vocab_size):
+                    bad(name, f"must be a token id in [0, vocab_size={self.vocab_size})")
+        if self.has_moe:
+            self._validate_moe(bad)
+        self._validate_rope_scaling()
+
+    def _validate_moe(self, bad) -> None:
+        E, K, G, Gk = self.n_routed_experts, self.num_experts_per_tok, self.n_group, self.topk_group
+        for name in ("n_routed_experts", "moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                bad(name, "must be a positive integer when the model has MoE layers")
+        if self.scoring_func not in SCORING_FUNCS:
+            bad("scoring_func", f"must be one of {SCORING_FUNCS}")
+        if self.topk_method not in TOPK_METHODS:
+            bad("topk_method", f"must be one of {TOPK_METHODS}")
+        if E % G:
+            raise ValueError(f"n_routed_experts={E} is not divisible by n_group={G}")
+        if Gk > G:
+            raise ValueError(f"topk_group={Gk} must be <= n_group={G}")
+        grouped = self.topk_method != "greedy"
+        if self.topk_method == "noaux_tc" and E // G < 2:
+            raise ValueError(f"n_routed_experts/n_group = {E}/{G} = {E // G} experts per group: noaux_tc scores a "
+                             f"group by the sum of its top-2 experts, so each group needs at least 2")
+        reachable = Gk * (E // G) if grouped else E
+        if K > reachable:
+            raise ValueError(f"num_experts_per_tok={K} is larger than the {reachable} experts that the kept groups "
+                             f"hold (topk_group={Gk} x n_routed_experts/n_group={E // G})")
+        if not (self.routed_scaling_factor > 0):
+            bad("routed_scaling_factor", "must be > 0")
+
+    def _validate_rope_scaling(self) -> None:
+        rs = self.rope_scaling
+        if rs is None:
+            return
+        kind = rs.get("type")
+        if kind in (None, "default"):
+            self.rope_scaling = None
+            return
+        if kind != "yarn":
+            raise ValueError(f"rope_scaling.type={kind!r} is not supported: use 'yarn' or null")
+        for key in ("factor", "original_max_position_embeddings"):
+            if key not in rs:
+                raise ValueError(f"rope_scaling is missing {key!r} (YaRN needs factor and "
+                                 f"original_max_position_embeddings)")
+        if not rs["factor"] >= 1:
+            raise ValueError(f"rope_scaling.factor={rs['factor']!r} must be >= 1")
+        if not (isinstance(rs["original_max_position_embeddings"], int) and rs["original_max_position_embeddings"] > 0):
+            raise ValueError(f"rope_scaling.original_max_position_embeddings="
+                             f"{rs['original_max_position_embeddings']!r} must be a positive integer")
+
+    # ------------------------------------------------------------------ derived (never serialized)
+    @property
+    def has_moe(self) -> bool:
+        return any(self.is_moe_layer(i) for i in range(self.num_hidden_layers))
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        """Layer `layer_idx` (MTP blocks continue the numbering at num_hidden_layers) is MoE, else dense."""
+        return layer_idx >= self.first_k_dense_replace and layer_idx % self.moe_layer_freq == 0
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def cache_dim(self) -> int:
+        """Numbers cached per token per layer by absorbed MLA: r_kv + d_r."""
+        return self.kv_lora_rank + self.qk_rope_head_dim
+
+    @property
+    def uses_router_bias(self) -> bool:
+        return self.topk_method == "noaux_tc"
+
+    def cache_bytes_per_token(self, bytes_per_elem: int = 2) -> int:
+        """Absorbed-MLA cache per token, main model: (r_kv + d_r) * L * bytes (spec 2.2; V3 bf16: 70,272)."""
+        return self.cache_dim * self.num_hidden_layers * bytes_per_elem
+
+    # ------------------------------------------------------------------ counting
+    def num_params(self) -> ParamCount:
+        """Analytic parameter counts (nothing is allocated).
+
+        total: every parameter of the main model (embedding, L layers, final norm, head); MTP is separate.
+        activated: what one token touches: everything except the routed experts it does not pick, i.e.
+        embedding + head + attention + norms + dense FFNs + routers + shared experts + K routed experts per
+        MoE layer. (The router bias is a buffer, not a parameter.)
+        """
+        H = self.hidden_size
+        attn = self._attn_params()
+        dense_ffn = 3 * H * self.intermediate_size
+        expert = 3 * H * self.moe_intermediate_size
+        moe_fixed = self.n_routed_experts * H + self.n_shared_experts * expert  # router + shared
+        total = activated = 0
+        for i in range(self.num_hidden_layers):
+            layer = attn + 2 * H  # two RMSNorms
+            if self.is_moe_layer(i):
+                total += layer + moe_fixed + self.n_routed_experts * expert
+                activated += layer + moe_fixed + self.num_experts_per_tok * expert
+            else:
+                total += layer + dense_ffn
+                activated += layer + dense_ffn
+        embed = self.vocab_size * H
+        head = 0 if self.tie_word_embeddings else self.vocab_size * H
+        rest = embed + head + H
+        mtp = 0
+        for k in range(self.num_nextn_predict_layers):
+            i = self.num_hidden_layers + k
+            block = attn + 2 * H + (moe_fixed + self.n_routed_experts * expert if self.is_moe_layer(i) else dense_ffn)
+            mtp += block + 3 * H + 2 * H * H  # enorm, hnorm, shared_head.norm, eh_proj
+        return ParamCount(total=total + rest, activated=activated + rest, embedding=embed, head=head, mtp=mtp)
+
+    def _attn_params(self) -> int:
+        H, nh = self.hidden_size, self.num_attention_heads
+        if self.q_lora_rank:
+            q = H * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * nh * self.qk_head_dim
+        else:
+            q = H * nh * self.qk_head_dim
+        kv = H * self.cache_dim + self.kv_lora_rank + self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim)
+        return q + kv + nh * self.v_head_dim * H
+
+    # ------------------------------------------------------------------ presets and conversion
+    @classmethod
+    def preset(cls, name: str, **overrides) -> ModelConfig:
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_hf_dict(self) -> dict:
+        """A `config.json` dict that `transformers` (v4 and v5) reads as the same model."""
+        d = self.to_dict()
+        d["architectures"] = ["DeepseekV3ForCausalLM" if self.model_type == "deepseek_v3" else "DeepseekV2ForCausalLM"]
+        if self.rope_scaling is None:
+            d.pop("rope_scaling")
+        return d
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> ModelConfig:
+        """Read a Hugging Face DeepSeek-V3 / V2 `config.json` dict. Keys nanoseek has no use for are ignored."""
+        d = dict(d)
+        model_type = d.get("model_type", "deepseek_v3")
+        if model_type not in MODEL_TYPES:
+            raise ValueError(f"model_type={model_type!r} is not a DeepSeek model; nanoseek reads {MODEL_TYPES}")
+        rp = d.pop("rope_parameters", None)  # transformers v5 layout: theta and scaling in one dict
+        if isinstance(rp, dict):
+            rp = dict(rp)
+            d["rope_theta"] = rp.pop("rope_theta", d.get("rope_theta", cls.rope_theta))
+            kind = rp.pop("rope_type", rp.pop("type", "default"))
+            d["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
+        if "num_mtp_layers" in d:
+            d.setdefault("num_nextn_predict_layers", d.pop("num_mtp_layers"))
+        if model_type == "deepseek_v2":  # DeepseekV2Config defaults differ from V3's
+            d.setdefault("topk_method", "greedy")
+            d.setdefault("scoring_func", "softmax")
+            d.setdefault("norm_topk_prob", False)
+            d.setdefault("num_nextn_predict_layers", 0)
+            for key, default in (("n_group", 1), ("topk_group", 1), ("routed_scaling_factor", 1.0)):
+                if d.get(key) is None:
+                    d[key] = default
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def summary(self) -> str:
+        p = self.num_params()
+        return (f"{fmt_count(p.total)} total, {fmt_count(p.activated)} activated, "
+                f"{fmt_count(p.mtp)} MTP; {self.num_hidden_layers} layers "
+                f"({self.num_hidden_layers - self.first_k_dense_replace} MoE), "
+                f"{self.n_routed_experts} experts top-{self.num_experts_per_tok}")
+
+
+class ParamCount(NamedTuple):
+    total: int
+    activated: int
+    embedding: int
+    head: int
+    mtp: int
+
+
+def fmt_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+# ---------------------------------------------------------------------- overrides
+def parse_value(text: str, current: Any) -> Any:
+    """Parse `text` with the type of `current` (bool/int/float/str/None/dict/list via TOML literals)."""
+    import tomllib
+
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text  # a bare word is a string
+    if text in ("null", "none", "None"):
+        return None
+    if isinstance(current, bool) and not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {text!r}")
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    return value
+
+
+def apply_overrides(obj, overrides: list[str]):
+    """Apply `key=value` strings to a dataclass (dotted keys reach nested dataclasses). Unknown keys raise
+    an error that names the nearest field."""
+    changes: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} is not of the form key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        head, _, rest = key.partition(".")
+        names = [f.name for f in fields(obj)]
+        if head not in names:
+            near = difflib.get_close_matches(head, names, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            raise ValueError(f"unknown field {head!r} in {type(obj).__name__}{hint}")
+        current = changes.get(head, getattr(obj, head))
+        if rest:
+            if dataclasses.is_dataclass(current):
+                changes[head] = apply_overrides(current, [f"{rest}={text}"])
+            elif isinstance(current, dict) or current is None:
+                changes[head] = {**(current or {}), rest: parse_value(text, None)}
+            else:
+                raise ValueError(f"field {head!r} has no sub-fields (got {key!r})")
+        else:
+            changes[head] = parse_value(text, current)
+    return dataclasses.replace(obj, **changes)
+
+
+# ---------------------------------------------------------------------- presets (data)
+_TINY_COMMON = dict(
+    rope_scaling=None, max_position_embeddings=2048, topk_method="noaux_tc", scoring_func="sigmoid",
+    norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1, first_k_dense_replace=1,
+    n_shared_experts=1, num_attention_heads=8, initializer_range=0.02,
+)
+
+PRESETS: dict[str, dict] = {
+    # < 2M parameters, every structural feature (q-LoRA, dense-first, shared + grouped routed experts, MTP)
+    "tiny": dict(_TINY_COMMON, vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                 num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
+                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
+                 num_experts_per_tok=2, n_group=4, topk_group=2, max_position_embeddings=512),
+    # spec 7.3 tiny-10M
+    "nano": dict(_TINY_COMMON, vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
+                 num_hidden_layers=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
+                 qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4,
+                 n_group=4, topk_group=2),
+    # spec 7.3 tiny-100M
+    "small": dict(_TINY_COMMON, vocab_size=32768, hidden_size=512, intermediate_size=1536,
+                  moe_intermediate_size=256, num_hidden_layers=6, q_lora_rank=256, kv_lora_rank=128,
+                  qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32,
+                  num_experts_per_tok=4, n_group=4, topk_group=2),
+    # spec 7.2 (for counting and importing; never allocated in tests)
+    "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                    moe_intermediate_size=1408, num_hidden_layers=27, first_k_dense_replace=1,
+                    num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
+                    qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
+                    num_experts_per_tok=6, n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax",
+                    norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0,
+                    max_position_embeddings=163840,
+                    rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                                      beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
+                    bos_token_id=100000, eos_token_id=100001),
+    # spec 7.1: the released DeepSeek-V3 shape
+    "v3-671b": dict(max_position_embeddings=163840,
+                    rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                                      beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
+}
+
+
+def yarn_example(original: int = 512, factor: float = 4.0) -> dict:
+    """The spec's small YaRN variant (section 7.3) for exercising the context-extension path."""
+    return dict(type="yarn", factor=factor, original_max_position_embeddings=original, beta_fast=32, beta_slow=1,
+                mscale=1.0, mscale_all_dim=1.0)
+

@@ -1,0 +1,130 @@
+"""Multi-head Latent Attention (paper section 2.1.1, spec section 2).
+
+Shapes: b batch, s query length, t key length, h heads, d head dims, c latent (r_kv), r rope dim (d_r).
+
+    c_Q  = RMSNorm(W_DQ x);  [q_nope, q_pe] = W_UQ c_Q          (or W_Q x without q-LoRA)
+    [c_KV, k_pe] = W_DKV x;  [k_nope, v] = W_UKV RMSNorm(c_KV)   one RoPE key k_pe shared by all heads
+    o = softmax(([q_nope, RoPE(q_pe)] . [k_nope, RoPE(k_pe)]) * scale) v;   out = W_O o
+
+Two equal ways to compute it:
+- naive (training, prefill): expand the latent to per-head K and V and call SDPA.
+- absorbed (decoding): fold W_UK into the query and W_UV after the weighted sum, so attention runs on the
+  latent cache directly: MQA with one KV head of key dim c + r and value dim c. The cache holds
+  kv_norm(c_KV) and RoPE'd k_pe: c + r numbers per token per layer, nothing else.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import apply_rope, softmax_scale
+
+
+class LatentCache:
+    """Preallocated MLA latent cache: per layer a (b, t_max, c + r) buffer (FlashMLA layout).
+
+    Call `begin(positions)` once per forward with the positions (b, s) of the new tokens; each layer then
+    writes its new latents at those positions and reads rows 0..max(positions). Rows may have different
+    lengths: a query at position p attends to cache slots 0..p of its own row, so slots past a row's end
+    (padding) are never read before they are overwritten.
+    """
+
+    def __init__(self, n_layers: int, batch: int, max_len: int, dim: int, dtype=torch.float32, device=None):
+        self.max_len = max_len
+        self.layers = [torch.zeros(batch, max_len, dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.positions: torch.Tensor | None = None
+
+    def begin(self, positions: torch.Tensor) -> None:
+        """positions (b, s) long. Sets the key length t and the mask (b, s, t): key slot <= query position."""
+        top = int(positions.max()) + 1
+        if int(positions.min()) < 0 or top > self.max_len:
+            raise ValueError(f"positions must lie in [0, {self.max_len}) (the cache length); got "
+                             f"[{int(positions.min())}, {top - 1}]")
+        self.positions, self.length = positions, top
+        self.mask = torch.arange(top, device=positions.device) <= positions[:, :, None]
+        self._rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+
+    def update(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
+        """Write latent (b, s, c + r) at this step's positions; return the cache (b, t, c + r)."""
+        buf = self.layers[layer]
+        buf[self._rows, self.positions] = latent.to(buf.dtype)
+        return buf[:, : self.length]
+
+    def bytes_per_token(self) -> int:
+        return sum(buf.shape[-1] * buf.element_size() for buf in self.layers)
+
+
+class MLA(nn.Module):
+    absorb_max_query = 16  # up to this many new tokens per row, attend on the latent cache (memory-bound regime)
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = cfg.num_attention_heads
+        self.d_nope, self.d_rope, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        self.rank = cfg.kv_lora_rank
+        self.interleave = cfg.rope_interleave
+        self.scale = softmax_scale(cfg)
+        H, h, dqk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
+        if cfg.q_lora_rank:
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * dqk, bias=False)
+        else:
+            self.q_proj = nn.Linear(H, h * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.cache_dim, bias=False)
+        self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (self.d_nope + self.d_v), bias=False)
+        self.o_proj = nn.Linear(h * self.d_v, H, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                cache: LatentCache | None = None) -> torch.Tensor:
+        b, s, _ = x.shape
+        h, dn, r = self.n_heads, self.d_nope, self.rank
+        if hasattr(self, "q_proj"):
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = q.view(b, s, h, dn + self.d_rope)  # (b, s, h, d)
+        q_nope, q_pe = q.split([dn, self.d_rope], dim=-1)
+        q_pe = apply_rope(q_pe, cos, sin, self.interleave)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, self.d_rope], dim=-1)
+        c_kv = self.kv_a_layernorm(c_kv)  # (b, s, c)
+        k_pe = apply_rope(k_pe, cos, sin, self.interleave)  # (b, s, r)
+        if cache is None:
+            o = self._naive(q_nope, q_pe, c_kv, k_pe, mask=None)
+        else:
+            latent = cache.update(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # (b, t, c + r)
+            c_all, pe_all = latent.split([r, self.d_rope], dim=-1)
+            if s <= self.absorb_max_query:
+                o = self._absorbed(q_nope, q_pe, latent, cache.mask)
+            else:
+                o = self._naive(q_nope, q_pe, c_all, pe_all, mask=cache.mask)
+        return self.o_proj(o.reshape(b, s, h * self.d_v))
+
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
+        """Expand the latent into per-head K, V (b, t, h, d) and run SDPA; causal, or `mask` (b, s, t)."""
+        b, t, _ = c_kv.shape
+        h, dn = self.n_heads, self.d_nope
+        k_nope, v = self.kv_b_proj(c_kv).view(b, t, h, dn + self.d_v).split([dn, self.d_v], dim=-1)
+        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, t, h, self.d_rope)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        o = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+            attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale)
+        return o.transpose(1, 2)  # (b, s, h, d_v)
+
+    def _absorbed(self, q_nope, q_pe, latent, mask):
+        """Attention on the latent cache: scores = [q_nope W_UK, q_pe] . [c_KV, k_pe]; o = (p c_KV) W_UV."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.rank)
+        w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope:]  # (h, d, c)
+        q_lat = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope, w_uk), q_pe], dim=-1)  # (b, s, h, c + r)
+        scores = torch.einsum("bshc,btc->bsht", q_lat, latent) * self.scale
+        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+        p = scores.float().softmax(dim=-1).to(latent.dtype)
+        o_lat = torch.einsum("bsht,btc->bshc", p, latent[..., : self.rank])
+        return torch.einsum("bshc,hdc->bshd", o_lat, w_uv)  # (b, s, h, d_v)

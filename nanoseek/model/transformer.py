@@ -1,0 +1,221 @@
+"""The DeepSeek-V3 decoder (spec section 1) with its MTP modules, and Hugging Face parameter names.
+
+    h = Embed(tokens);  h = Block_l(h) for l < L;  logits = lm_head(RMSNorm(h))     (head not tied by default)
+
+`forward` serves training (no cache: SDPA causal attention, MTP logits, router statistics with the
+balance loss) and inference (a `LatentCache`: per-row positions, absorbed attention for decoding).
+Parameter names mirror `DeepseekV3ForCausalLM` (spec section 10), so `hf_state_dict` only adds the `model.`
+prefix, splits the stacked experts into one key set per expert, and moves MTP depth k to layer L + k - 1.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from nanoseek.config import ModelConfig
+from nanoseek.model.block import Block
+from nanoseek.model.mla import LatentCache
+from nanoseek.model.moe import Experts, Gate, MoE, RouterStats
+from nanoseek.model.mtp import MTP
+from nanoseek.model.norm import RMSNorm
+from nanoseek.model.rope import rope_table
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # (b, s, V)
+    hidden: torch.Tensor  # (b, s, H), after the final norm (what MTP depth 1 consumes)
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (b, s - k, V), predicts t_{i+k+1}
+    router: list[RouterStats] = field(default_factory=list)  # one per MoE layer, main then MTP (see moe_layers)
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        L = cfg.num_hidden_layers
+        self.mtp = nn.ModuleList(MTP(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.init_weights()
+
+    # ------------------------------------------------------------------ setup
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """N(0, initializer_range) for every matrix and the embedding; norms 1; router bias 0."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+            elif isinstance(m, Gate):
+                nn.init.normal_(m.weight, std=std)
+                if hasattr(m, "e_score_correction_bias"):
+                    m.e_score_correction_bias.zero_()
+            elif isinstance(m, Experts):
+                nn.init.normal_(m.gate_up_proj, std=std)
+                nn.init.normal_(m.down_proj, std=std)
+
+    def moe_layers(self) -> list[MoE]:
+        """The MoE modules in the order of `ModelOutput.router`: main layers, then MTP blocks."""
+        return [b.mlp for b in [*self.layers, *self.mtp] if isinstance(b.mlp, MoE)]
+
+    def new_cache(self, batch: int, max_len: int, dtype: torch.dtype | None = None) -> LatentCache:
+        """A latent cache for `batch` rows of up to `max_len` tokens (main layers, then MTP blocks)."""
+        if max_len > self.config.max_position_embeddings:
+            raise ValueError(f"max_len={max_len} exceeds max_position_embeddings="
+                             f"{self.config.max_position_embeddings}")
+        p = self.embed_tokens.weight
+        return LatentCache(len(self.layers) + len(self.mtp), batch, max_len, self.config.cache_dim,
+                           dtype or p.dtype, p.device)
+
+    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.embed_tokens.weight.device
+        if self._rope is None or self._rope[0].device != device:  # fp32 table, never cast with the model
+            cos, sin = rope_table(self.config, self.config.max_position_embeddings)
+            self._rope = (cos.to(device), sin.to(device))
+        return self._rope[0][positions], self._rope[1][positions]  # (b, s, d_r / 2)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: LatentCache | None = None, mtp: bool = True) -> ModelOutput:
+        """input_ids (b, s). positions (b, s): defaults to 0..s-1 (and must be given with a cache).
+        Without a cache: causal attention over the s tokens, MTP logits (if `mtp`) and balance losses."""
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size}); got [{lo}, {hi}]")
+        b, s = input_ids.shape
+        if positions is None:
+            if cache is not None:
+                raise ValueError("positions are required with a cache")
+            if s > cfg.max_position_embeddings:
+                raise ValueError(f"sequence length {s} exceeds max_position_embeddings={cfg.max_position_embeddings}")
+            positions = torch.arange(s, device=input_ids.device)[None]
+        elif cache is not None:
+            cache.begin(positions)
+        elif positions.shape != input_ids.shape or int(positions.max()) >= cfg.max_position_embeddings:
+            raise ValueError(f"positions must have shape {tuple(input_ids.shape)} and be < max_position_embeddings")
+        cos, sin = self._cos_sin(positions)
+        train = cache is None
+        emb = self.embed_tokens(input_ids)
+        h, router = emb, []
+        for block in self.layers:
+            h, stats = block(h, cos, sin, cache, balance_loss=train)
+            if stats is not None:
+                router.append(stats)
+        h = self.norm(h)
+        out = ModelOutput(logits=self.lm_head(h), hidden=h, router=router)
+        if train and mtp:
+            h_prev = h
+            for k, module in enumerate(self.mtp, start=1):
+                n = s - k
+                if n <= 0:
+                    break
+                h_prev, stats = module(h_prev[:, :n], emb[:, k:k + n], cos[:, :n], sin[:, :n])
+                out.mtp_logits.append(self.lm_head(h_prev))
+                if stats is not None:
+                    router.append(stats)
+        return out
+
+    # ------------------------------------------------------------------ Hugging Face names (spec section 10)
+    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict under DeepseekV3ForCausalLM names, one key set per routed expert, MTP depth k at layer
+        index num_hidden_layers + k - 1 with its copies of the embedding and head (as in the released V3)."""
+        L = self.config.num_hidden_layers
+        out: dict[str, torch.Tensor] = {}
+        for name, t in self.state_dict().items():
+            if name == "lm_head.weight":
+                if not self.config.tie_word_embeddings:
+                    out[name] = t
+                continue
+            m = re.match(r"mtp\.(\d+)\.(.*)", name)
+            key = f"model.layers.{L + int(m[1])}.{m[2]}" if m else f"model.{name}"
+            if key.endswith("experts.gate_up_proj"):
+                stem, I = key[: -len("gate_up_proj")], t.shape[1] // 2
+                for e in range(t.shape[0]):
+                    out[f"{stem}{e}.gate_proj.weight"] = t[e, :I]
+                    out[f"{stem}{e}.up_proj.weight"] = t[e, I:]
+            elif key.endswith("experts.down_proj"):
+                stem = key[: -len("down_proj")]
+                for e in range(t.shape[0]):
+                    out[f"{stem}{e}.down_proj.weight"] = t[e]
+            else:
+                out[key] = t
+        for k in range(len(self.mtp)):
+            out[f"model.layers.{L + k}.embed_tokens.weight"] = self.embed_tokens.weight.detach()
+            out[f"model.layers.{L + k}.shared_head.head.weight"] = self.lm_head.weight.detach()
+        return out
+
+    @torch.no_grad()
+    def load_hf_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
+        """Load Hugging Face DeepSeek-V3 names: per-expert keys (checkpoint files) or the stacked
+        `experts.gate_up_proj` / `experts.down_proj` of transformers >= 5. Returns the missing keys (ours)
+        when strict=False; raises a ValueError listing missing, unexpected and mis-shaped keys otherwise."""
+        ours = self.state_dict()
+        mapped, experts, unexpected = self._map_hf_keys(sd)
+        for (stem, kind), per_expert in experts.items():
+            n = len(per_expert)
+            if sorted(per_expert) != list(range(n)):
+                raise ValueError(f"{stem}: expert indices {sorted(per_expert)[:8]}... are not 0..{n - 1}")
+            stacked = torch.stack([per_expert[e] for e in range(n)])
+            if kind == "down_proj":
+                mapped[f"{stem}down_proj"] = stacked
+            else:  # gate/up rows of one expert are concatenated, gate first
+                mapped.setdefault(f"{stem}gate_up_proj", {})[kind] = stacked
+        for key in [k for k, v in mapped.items() if isinstance(v, dict)]:
+            parts = mapped.pop(key)
+            if set(parts) != {"gate_proj", "up_proj"}:
+                raise ValueError(f"{key}: experts need both gate_proj and up_proj, found {sorted(parts)}")
+            mapped[key] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=1)
+        if self.config.tie_word_embeddings:
+            mapped.pop("lm_head.weight", None)
+            ours = {k: v for k, v in ours.items() if k != "lm_head.weight"}
+        unexpected += [k for k in mapped if k not in ours]
+        missing = [k for k in ours if k not in mapped]
+        wrong = [f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(v.shape)}"
+                 for k, v in ours.items() if k in mapped and mapped[k].shape != v.shape]
+        problems = [(f"missing keys ({len(missing)})", missing) if strict else None,
+                    (f"unexpected keys ({len(unexpected)})", unexpected) if strict else None,
+                    (f"wrong shapes ({len(wrong)})", wrong)]
+        text = "; ".join(f"{title}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
+                         for title, items in filter(None, problems) if items)
+        if text:
+            raise ValueError(f"checkpoint does not fit this model ({self.config.summary()}): {text}")
+        for k, v in ours.items():
+            if k in mapped:
+                v.copy_(mapped[k])
+        return missing
+
+    def _map_hf_keys(self, sd):
+        L, D = self.config.num_hidden_layers, len(self.mtp)
+        mapped, experts, unexpected = {}, {}, []
+        for key, t in sd.items():
+            name = key[len("model."):] if key.startswith("model.") else key
+            m = re.match(r"layers\.(\d+)\.(.*)", name)
+            if m and int(m[1]) >= L:
+                k, rest = int(m[1]) - L, m[2]
+                if k >= D:
+                    unexpected.append(key)
+                    continue
+                if rest in ("embed_tokens.weight", "shared_head.head.weight"):  # copies of the shared tensors
+                    continue
+                name = f"mtp.{k}.{rest}"
+            e = re.match(r"(.*experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name)
+            if e:
+                experts.setdefault((e[1], e[3]), {})[int(e[2])] = t
+            else:
+                mapped[name] = t
+        return mapped, experts, unexpected
