@@ -305,20 +305,29 @@ def fmt_count(n: float) -> str:
 
 
 # ---------------------------------------------------------------------- overrides
-def parse_value(text: str, current: Any) -> Any:
-    """Parse `text` with the type of `current` (bool/int/float/str/None/dict/list via TOML literals)."""
+def parse_value(text: str, current: Any, name: str = "value") -> Any:
+    """Parse `text` as a TOML literal (a bare word is a string; null/none is None) and check it against the
+    type of the field's current value."""
     import tomllib
 
+    if text in ("null", "none", "None"):
+        return None
     try:
         value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        value = text  # a bare word is a string
-    if text in ("null", "none", "None"):
-        return None
-    if isinstance(current, bool) and not isinstance(value, bool):
-        raise ValueError(f"expected true or false, got {text!r}")
-    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        value = text
+    if isinstance(current, bool):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}={text!r}: expected true or false")
+    elif isinstance(current, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"{name}={text!r}: expected an integer")
+    elif isinstance(current, float):
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise ValueError(f"{name}={text!r}: expected a number")
         value = float(value)
+    elif isinstance(current, str) and not isinstance(value, str):
+        value = text
     return value
 
 
@@ -342,11 +351,11 @@ def apply_overrides(obj, overrides: list[str]):
             if dataclasses.is_dataclass(current):
                 changes[head] = apply_overrides(current, [f"{rest}={text}"])
             elif isinstance(current, dict) or current is None:
-                changes[head] = {**(current or {}), rest: parse_value(text, None)}
+                changes[head] = {**(current or {}), rest: parse_value(text, None, key)}
             else:
                 raise ValueError(f"field {head!r} has no sub-fields (got {key!r})")
         else:
-            changes[head] = parse_value(text, current)
+            changes[head] = parse_value(text, current, key)
     return dataclasses.replace(obj, **changes)
 
 

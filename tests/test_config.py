@@ -116,7 +116,7 @@ def test_overrides_are_strict():
     assert new.routed_scaling_factor == 2.0
     with pytest.raises(ValueError, match="unknown field 'hiden_size' in ModelConfig; did you mean 'hidden_size'"):
         apply_overrides(cfg, ["hiden_size=3"])
-    with pytest.raises(ValueError, match="expected true or false"):
+    with pytest.raises(ValueError, match="norm_topk_prob=.3.: expected true or false"):
         apply_overrides(cfg, ["norm_topk_prob=3"])
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides(cfg, ["hidden_size"])

@@ -131,9 +131,10 @@ class Transformer(nn.Module):
         return out
 
     # ------------------------------------------------------------------ Hugging Face names (spec section 10)
-    def hf_state_dict(self) -> dict[str, torch.Tensor]:
+    def hf_state_dict(self, mtp_copies: bool = True) -> dict[str, torch.Tensor]:
         """State dict under DeepseekV3ForCausalLM names, one key set per routed expert, MTP depth k at layer
-        index num_hidden_layers + k - 1 with its copies of the embedding and head (as in the released V3)."""
+        index num_hidden_layers + k - 1 with (if mtp_copies) its copies of the embedding and head, as in the
+        released V3."""
         L = self.config.num_hidden_layers
         out: dict[str, torch.Tensor] = {}
         for name, t in self.state_dict().items():
@@ -154,7 +155,7 @@ class Transformer(nn.Module):
                     out[f"{stem}{e}.down_proj.weight"] = t[e]
             else:
                 out[key] = t
-        for k in range(len(self.mtp)):
+        for k in range(len(self.mtp) if mtp_copies else 0):
             out[f"model.layers.{L + k}.embed_tokens.weight"] = self.embed_tokens.weight.detach()
             out[f"model.layers.{L + k}.shared_head.head.weight"] = self.lm_head.weight.detach()
         return out

@@ -1,0 +1,1 @@
+"""Inference: batched generation on the MLA latent cache."""
