@@ -46,6 +46,13 @@ def cmd_model(args) -> int:
     return 0
 
 
+def cmd_cost(args) -> int:
+    """Parameters, FLOPs per token, cache bytes and the compute bill of a config or a run (nanoseek/cost.py)."""
+    from nanoseek.cost import main as cost_main
+
+    return cost_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +64,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-forward", action="store_true", help="only count (for presets too large to allocate)")
     p.set_defaults(func=cmd_model)
+    p = sub.add_parser("cost", help="parameters, FLOPs/token, cache bytes, MFU, GPU-hours and dollars")
+    p.add_argument("overrides", nargs="*", help="ModelConfig fields as key=value (with --preset or --config)")
+    p.add_argument("--preset", help=f"one of {', '.join(sorted(PRESETS))}")
+    p.add_argument("--config", help="a Hugging Face config.json")
+    p.add_argument("--dense-params", help="a dense model of N parameters, e.g. 405e9 or 405B")
+    p.add_argument("--paper", action="store_true", help="the V3 paper's cost table, checked; Llama 3.1 405B")
+    p.add_argument("--seq-len", type=int, default=4096, help="training sequence / inference context length")
+    p.add_argument("--tokens", help="training tokens, e.g. 14.8T (K/M/B/T suffixes)")
+    p.add_argument("--gpu", help="h800 (default), h100, h200, a100, or cpu (measures a GEMM peak now)")
+    p.add_argument("--precision", help="bf16 (default on GPUs) or fp8; cpu measures fp32")
+    p.add_argument("--mfu", help="assumed model FLOPs utilization in (0, 1]")
+    p.add_argument("--tokens-per-second", help="measured throughput per device (instead of --mfu)")
+    p.add_argument("--num-gpus", type=int, default=1, help="for days of wall-clock")
+    p.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour (V3 paper: $2)")
+    p.add_argument("--gqa-groups", type=int, default=8, help="KV heads of the GQA cache compared with MLA")
+    p.add_argument("--json", action="store_true", help="the same numbers as JSON")
+    p.set_defaults(func=cmd_cost)
     return parser
 
 

@@ -41,11 +41,13 @@ class MTP(Block):
         return self.shared_head["norm"](x), stats
 
 
+def mtp_targets(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """labels (b, s) are the main targets (labels[:, i] = t_{i+1}); depth k at position i predicts
+    t_{i+k+1} = labels[:, i + k], for the s - k positions it runs on."""
+    return labels[:, k:]
+
+
 def mtp_loss(mtp_logits: list[torch.Tensor], labels: torch.Tensor, ignore_index: int = -100) -> list[torch.Tensor]:
-    """Per-depth cross-entropy. labels (b, s) are the main targets (labels[:, i] = t_{i+1}); depth k's logits
-    (b, s - k, V) at position i predict t_{i+k+1} = labels[:, i + k]."""
-    losses = []
-    for k, logits in enumerate(mtp_logits, start=1):
-        target = labels[:, k: k + logits.shape[1]]
-        losses.append(F.cross_entropy(logits.flatten(0, 1).float(), target.flatten(), ignore_index=ignore_index))
-    return losses
+    """Per-depth cross-entropy of depth-k logits (b, s - k, V) against `mtp_targets(labels, k)`."""
+    return [F.cross_entropy(logits.flatten(0, 1).float(), mtp_targets(labels, k).flatten(), ignore_index=ignore_index)
+            for k, logits in enumerate(mtp_logits, start=1)]

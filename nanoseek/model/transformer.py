@@ -20,17 +20,20 @@ from nanoseek.config import ModelConfig
 from nanoseek.model.block import Block
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import Experts, Gate, MoE, RouterStats
-from nanoseek.model.mtp import MTP
+from nanoseek.model.cross_entropy import linear_cross_entropy
+from nanoseek.model.mtp import MTP, mtp_targets
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import rope_table
 
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor  # (b, s, V)
+    logits: torch.Tensor | None  # (b, s, V); None when labels were given (the loss is computed in chunks)
     hidden: torch.Tensor  # (b, s, H), after the final norm (what MTP depth 1 consumes)
     mtp_logits: list[torch.Tensor] = field(default_factory=list)  # depth k: (b, s - k, V), predicts t_{i+k+1}
     router: list[RouterStats] = field(default_factory=list)  # one per MoE layer, main then MTP (see moe_layers)
+    loss: torch.Tensor | None = None  # next-token cross-entropy, when labels were given
+    mtp_losses: list[torch.Tensor] = field(default_factory=list)  # depth k's cross-entropy, when labels were given
 
 
 class Transformer(nn.Module):
@@ -88,9 +91,12 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: LatentCache | None = None, mtp: bool = True) -> ModelOutput:
+                cache: LatentCache | None = None, mtp: bool = True, labels: torch.Tensor | None = None
+                ) -> ModelOutput:
         """input_ids (b, s). positions (b, s): defaults to 0..s-1 (and must be given with a cache).
-        Without a cache: causal attention over the s tokens, MTP logits (if `mtp`) and balance losses."""
+        Without a cache: causal attention over the s tokens, MTP outputs (if `mtp`) and balance losses.
+        labels (b, s) (labels[:, i] = t_{i+1}, -100 = ignore): return losses instead of logits, computed by
+        `linear_cross_entropy` without materializing the logits."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
@@ -117,7 +123,11 @@ class Transformer(nn.Module):
             if stats is not None:
                 router.append(stats)
         h = self.norm(h)
-        out = ModelOutput(logits=self.lm_head(h), hidden=h, router=router)
+        out = ModelOutput(logits=None, hidden=h, router=router)
+        if labels is None:
+            out.logits = self.lm_head(h)
+        else:
+            out.loss = linear_cross_entropy(h, self.lm_head.weight, labels)
         if train and mtp:
             h_prev = h
             for k, module in enumerate(self.mtp, start=1):
@@ -125,7 +135,10 @@ class Transformer(nn.Module):
                 if n <= 0:
                     break
                 h_prev, stats = module(h_prev[:, :n], emb[:, k:k + n], cos[:, :n], sin[:, :n])
-                out.mtp_logits.append(self.lm_head(h_prev))
+                if labels is None:
+                    out.mtp_logits.append(self.lm_head(h_prev))
+                else:
+                    out.mtp_losses.append(linear_cross_entropy(h_prev, self.lm_head.weight, mtp_targets(labels, k)))
                 if stats is not None:
                     router.append(stats)
         return out

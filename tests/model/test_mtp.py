@@ -46,3 +46,21 @@ def test_mtp_embedding_goes_first_in_eh_proj():
         changed = ids.clone()
         changed[0, 11] = (ids[0, 11] + 1) % 512  # only seen by MTP through the embedding at position 10
         assert (model(ids).mtp_logits[0] - model(changed).mtp_logits[0]).abs().max() < 1e-6
+
+
+def test_losses_from_labels_equal_losses_from_logits():
+    """forward(labels=...) (chunked, no logits held) gives the same losses and gradients as the logits."""
+    model = tiny_model(num_nextn_predict_layers=2).train()
+    tokens = torch.randint(0, 512, (2, 33))
+    ids, labels = tokens[:, :-1], tokens[:, 1:].clone()
+    labels[0, :5] = -100
+    a = model(ids)
+    la = F.cross_entropy(a.logits.flatten(0, 1), labels.flatten()) + sum(mtp_loss(a.mtp_logits, labels))
+    ga = torch.autograd.grad(la, list(model.parameters()))
+    b = model(ids, labels=labels)
+    assert b.logits is None and b.mtp_logits == [] and len(b.mtp_losses) == 2
+    lb = b.loss + sum(b.mtp_losses)
+    gb = torch.autograd.grad(lb, list(model.parameters()))
+    torch.testing.assert_close(la, lb)
+    for x, y in zip(ga, gb):
+        torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-4)
