@@ -1,0 +1,176 @@
+"""Verifiable tasks: generated problem families (r1-spec 4.3) and user tasks from JSONL.
+
+Document format (the chat format of `nanoseek.data.tokenizer`, one problem per document; in the token
+stream each document is followed by <|end_of_text|>, which the shard writer adds):
+
+    <|user|>{prompt}<|assistant|><think>{reasoning}</think><answer>{answer}</answer>
+
+    add        <|user|>347+586=<|assistant|><think>7+6=13 c1|4+8+1=13 c1|3+5+1=9 c0</think><answer>933</answer>
+    sub        <|user|>503-278=<|assistant|><think>13-8=5 b1|10-7-1=2 b1|5-2-1=2 b0</think><answer>225</answer>
+    countdown  <|user|>nums 3 7 9 target 30<|assistant|><think>9-3=6 6+7=13|3*7=21 21+9=30</think><answer>3*7+9</answer>
+    linear     <|user|>3x+5=26<|assistant|><think>26-5=21|21/3=7</think><answer>7</answer>
+    word       <|user|>Mia has 23 pens and gets 15 more. How many pens does Mia have?<|assistant|>
+               <think>23+15|3+5=8 c0|2+1=3 c0</think><answer>38</answer>
+
+Scratchpads go least-significant digit first, one `|`-separated step per digit (c = carry, b = borrow).
+Every answer is canonical and checker-friendly: an integer for add / sub / linear / word, and for
+countdown an expression (any expression that uses each number once and evaluates to the target is
+right; `problem.meta` holds nums and target). `task.check(problem, answer)` is the exact-answer
+predicate on an already extracted answer string; parsing completions and scoring them is the rewards'
+job (rl/rewards.py).
+
+Held-out split (r1-spec 4.3): a prompt is held out iff int(sha1(prompt)) % 10 == 0. It depends on the
+prompt string only, so it is stable across runs, seeds and difficulty mixes; training data is drawn from
+the "train" split only and evaluation from "heldout".
+
+Imitation noise (r1-spec 4.2 item 4), add and sub only: with p_err > 0 each digit step of the written
+trace is off by one with probability p_err, and the written answer follows the (wrong) trace, while
+`problem.answer` stays the true answer. Default 0: the built-in corpus is noise-free unless asked.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import random
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from nanoseek.data.tokenizer import ASSISTANT, END_THINK, THINK, USER
+
+SPLITS = ("train", "heldout")
+HELDOUT_MOD = 10
+
+
+def split_of(prompt: str) -> str:
+    """'heldout' iff int(sha1(prompt)) % 10 == 0, else 'train'."""
+    h = int.from_bytes(hashlib.sha1(prompt.encode("utf-8")).digest(), "big")
+    return "heldout" if h % HELDOUT_MOD == 0 else "train"
+
+
+def make_rng(*parts) -> random.Random:
+    """A random.Random seeded from the parts' string forms via sha256 (stable across runs and platforms)."""
+    digest = hashlib.sha256("\x1f".join(map(str, parts)).encode()).digest()
+    return random.Random(int.from_bytes(digest[:8], "big"))
+
+
+@dataclass(frozen=True)
+class Problem:
+    prompt: str
+    reasoning: str
+    answer: str  # the true, canonical answer
+    task: str
+    difficulty: int
+    meta: dict = field(default_factory=dict, compare=False)  # what a checker needs beyond the answer
+    written_answer: str | None = None  # the answer a noisy trace arrives at, when it differs (p_err)
+
+    @property
+    def completion(self) -> str:
+        """What the assistant writes: `<think>{reasoning}</think><answer>{answer}</answer>`."""
+        shown = self.answer if self.written_answer is None else self.written_answer
+        return f"{THINK}{self.reasoning}{END_THINK}<answer>{shown}</answer>"
+
+    @property
+    def document(self) -> str:
+        """The training text (no trailing eos: the shard writer appends it)."""
+        return f"{USER}{self.prompt}{ASSISTANT}{self.completion}"
+
+    @property
+    def split(self) -> str:
+        return split_of(self.prompt)
+
+    def messages(self) -> list[dict]:
+        return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.completion}]
+
+
+def int_answer_equal(answer: str, expected: str) -> bool:
+    """True iff answer (stripped) is an integer of at most 12 digits equal to expected."""
+    s = answer.strip()
+    body = s[1:] if s.startswith("-") else s
+    return body.isdigit() and len(body) <= 12 and body.isascii() and int(s) == int(expected)
+
+
+class Task:
+    """A family of generated problems. Subclasses set name, levels, weights and implement `_generate`."""
+
+    name: str
+    levels: ClassVar[tuple[int, ...]]  # allowed difficulties
+    weights: ClassVar[tuple[float, ...]]  # default mix over levels when difficulty is None
+
+    def _generate(self, rng: random.Random, difficulty: int) -> Problem:
+        raise NotImplementedError
+
+    def generate(self, rng: random.Random | int, difficulty: int) -> Problem:
+        """One problem of the given difficulty from rng (or an int seed)."""
+        if difficulty not in self.levels:
+            raise ValueError(f"{self.name}: difficulty={difficulty!r} is not one of {self.levels}")
+        return self._generate(rng if isinstance(rng, random.Random) else random.Random(rng), difficulty)
+
+    def check(self, problem: Problem, answer: str) -> bool:
+        """Exact-answer predicate on an extracted answer string."""
+        return int_answer_equal(answer, problem.answer)
+
+    split_of = staticmethod(split_of)
+
+    def sample(self, n: int, split: str = "train", seed: int = 0, difficulty: int | None = None,
+               unique: bool = False) -> list[Problem]:
+        """n problems of `split` (difficulty None: drawn per problem from `weights`); unique: distinct prompts.
+
+        Deterministic in (task, split, seed, difficulty). Problems of the other split are drawn and dropped.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r} must be one of {SPLITS}")
+        if difficulty is not None and difficulty not in self.levels:
+            raise ValueError(f"{self.name}: difficulty={difficulty!r} is not one of {self.levels}")
+        rng = make_rng(self.name, split, seed, difficulty)
+        out: list[Problem] = []
+        seen: set[str] = set()
+        attempts, limit = 0, 1000 + 50 * n
+        while len(out) < n:
+            attempts += 1
+            if attempts > limit:
+                raise ValueError(f"{self.name}: found only {len(out)} of {n} {'distinct ' * unique}{split} problems "
+                                 f"at difficulty {difficulty} in {limit} draws; ask for fewer or a harder level")
+            d = difficulty if difficulty is not None else rng.choices(self.levels, self.weights)[0]
+            p = self._generate(rng, d)
+            if split_of(p.prompt) != split or (unique and p.prompt in seen):
+                continue
+            seen.add(p.prompt)
+            out.append(p)
+        return out
+
+    def with_options(self, **options) -> Task:
+        """A copy with some fields changed, e.g. get_task("add").with_options(p_err=0.05)."""
+        allowed = [f.name for f in dataclasses.fields(self)] if dataclasses.is_dataclass(self) else []
+        for key in options:
+            if key not in allowed or key == "name":
+                raise ValueError(f"{self.name}: unknown option {key!r}; options: {[a for a in allowed if a != 'name']}")
+        return dataclasses.replace(self, **options)
+
+
+from nanoseek.data.tasks.arithmetic import Arithmetic  # noqa: E402  (families subclass Task, defined above)
+from nanoseek.data.tasks.countdown import Countdown  # noqa: E402
+from nanoseek.data.tasks.equations import LinearEquation  # noqa: E402
+from nanoseek.data.tasks.jsonl import JsonlTask, load_jsonl_tasks  # noqa: E402
+from nanoseek.data.tasks.word_problems import WordProblem  # noqa: E402
+
+TASKS: dict[str, Task] = {t.name: t for t in (
+    Arithmetic("add", "+"), Arithmetic("sub", "-"), Countdown(), LinearEquation(), WordProblem())}
+
+
+def get_task(name: str, **options) -> Task:
+    """A registered family by name (options override its fields, e.g. p_err), or a user task file `*.jsonl`."""
+    if name.endswith(".jsonl"):
+        if options:
+            raise ValueError(f"{name}: JSONL tasks take no options (got {sorted(options)})")
+        return load_jsonl_tasks(name)
+    if name not in TASKS:
+        near = difflib.get_close_matches(name, TASKS, n=1)
+        raise ValueError(f"unknown task {name!r}{f' (did you mean {near[0]!r}?)' if near else ''}; "
+                         f"tasks: {sorted(TASKS)}, or a path to a .jsonl file with prompt and answer fields")
+    return TASKS[name].with_options(**options) if options else TASKS[name]
+
+
+__all__ = ["Problem", "Task", "TASKS", "get_task", "split_of", "make_rng", "load_jsonl_tasks", "JsonlTask",
+           "Arithmetic", "Countdown", "LinearEquation", "WordProblem", "SPLITS"]

@@ -1,0 +1,82 @@
+"""Run artifacts a person wants to look at: PNG plots from metrics.jsonl and a short report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(step records, eval records) from RUN/metrics.jsonl."""
+    steps, evals = [], []
+    path = Path(run_dir) / "metrics.jsonl"
+    for line in path.read_text().splitlines() if path.exists() else []:
+        rec = json.loads(line)
+        (evals if "val_loss" in rec else steps).append(rec)
+    return steps, evals
+
+
+def plot_training(run_dir: Path) -> list[Path]:
+    run_dir = Path(run_dir)
+    steps, evals = read_metrics(run_dir)
+    if not steps:
+        return []
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    x = [r["step"] for r in steps]
+    paths = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(x, [r["main"] for r in steps], label="train: next-token")
+    if "mtp" in steps[0]:
+        ax.plot(x, [r["mtp"] for r in steps], label="train: MTP", alpha=0.7)
+    if evals:
+        ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
+    ax.set(xlabel="step", ylabel="cross-entropy (nats)", title="Loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    paths.append(_save(fig, out / "loss.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(x, [r["lr"] for r in steps])
+    ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
+    ax.grid(alpha=0.3)
+    paths.append(_save(fig, out / "lr.png"))
+
+    if steps[0].get("max_vio"):
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for layer in range(len(steps[0]["max_vio"])):
+            ax.plot(x, [r["max_vio"][layer] for r in steps], label=f"MoE layer {layer}")
+        ax.set(xlabel="step", ylabel="MaxVio = max load / mean load - 1", title="Expert load balance")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        paths.append(_save(fig, out / "expert_load.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, title: str, sections: dict[str, dict]) -> Path:
+    """report.md: one table per section (name -> {label: value}) and the plots."""
+    run_dir = Path(run_dir)
+    lines = [f"# {title}", ""]
+    for name, rows in sections.items():
+        lines += [f"## {name}", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in rows.items()]
+        lines.append("")
+    plots = sorted((run_dir / "plots").glob("*.png")) if (run_dir / "plots").exists() else []
+    if plots:
+        lines += ["## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in plots] + [""]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,1 @@
+"""R1 reasoning: verifiable rewards, evaluation on held-out problems."""

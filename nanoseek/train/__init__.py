@@ -1,0 +1,1 @@
+"""Pretraining and SFT: the loop, AdamW and its schedules, atomic checkpoints with exact resume."""

@@ -1,0 +1,151 @@
+"""Atomic checkpoints for exact resume: safetensors and JSON only (nothing is ever unpickled).
+
+    RUN/checkpoints/step_000100/
+        model.safetensors       weights under Hugging Face DeepseekV3 names (router biases included, fp32)
+        optimizer.safetensors   AdamW moments and step counts, keyed "<param name>.<state>"
+        state.json              step, data-loader position, RNG states, optimizer hyperparameters, config
+    RUN/checkpoints/latest      name of the newest complete checkpoint
+
+A checkpoint is written into a temporary directory, fsynced, then renamed into place, and `latest` is
+replaced atomically after it: a kill at any moment leaves the previous checkpoint intact and pointed to.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, corrupt, or does not fit the run."""
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write(path: Path, write) -> None:
+    write(path)
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def model_tensors(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu().clone() for k, v in model.hf_state_dict(mtp_copies=False).items()}
+
+
+def optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """AdamW state keyed by parameter name; param groups (without the parameter lists) for JSON."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    sd = optimizer.state_dict()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    tensors = {}
+    for idx, state in sd["state"].items():
+        for key, value in state.items():
+            tensors[f"{names[id(params[idx])]}.{key}"] = value.detach().contiguous().cpu().clone()
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
+    return tensors, groups
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    name = f"step_{step:06d}"
+    tmp, final = root / f".tmp-{name}", root / name
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    opt_tensors, groups = optimizer_tensors(model, optimizer)
+    _write(tmp / "model.safetensors", lambda p: save_file(model_tensors(model), p, metadata={"format": "pt"}))
+    _write(tmp / "optimizer.safetensors", lambda p: save_file(opt_tensors, p))
+    _write(tmp / "state.json", lambda p: p.write_text(json.dumps({**state, "step": step, "param_groups": groups})))
+    _fsync_dir(tmp)
+    if final.exists():  # the same step saved again after a resume
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    _write(latest_tmp, lambda p: p.write_text(name))
+    os.replace(latest_tmp, root / "latest")
+    _fsync_dir(root)
+    for old in sorted(root.glob("step_*"))[:-keep_last]:
+        shutil.rmtree(old)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    root = Path(run_dir) / "checkpoints"
+    pointer = root / "latest"
+    if not pointer.is_file():
+        return None
+    path = root / pointer.read_text().strip()
+    if not path.is_dir():
+        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
+    return path
+
+
+def read_state(path: Path) -> dict:
+    for f in FILES:
+        if not (path / f).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete: {f} is missing")
+    try:
+        return json.loads((path / "state.json").read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path / 'state.json'} is corrupt: {e}") from None
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(file)
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file} is corrupt or truncated: {e}") from None
+
+
+def load_checkpoint(path: Path, model, optimizer=None) -> dict:
+    """Restore weights (and optimizer state) in place; return state.json's contents."""
+    state = read_state(path)
+    try:
+        model.load_hf_state_dict(_load_tensors(path / "model.safetensors"))
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{path / 'model.safetensors'} does not fit the model: {e}") from None
+    if optimizer is not None:
+        _load_optimizer(path, model, optimizer, state)
+    return state
+
+
+def _load_optimizer(path: Path, model, optimizer, state: dict) -> None:
+    file = path / "optimizer.safetensors"
+    tensors = _load_tensors(file)
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in model.named_parameters()}
+    restored = {}
+    for idx, p in enumerate(params):
+        name = names[id(p)]
+        entry = {k[len(name) + 1:]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+        if not entry:
+            raise CheckpointError(f"{file} has no optimizer state for {name}")
+        for key, value in entry.items():
+            if key != "step" and value.shape != p.shape:
+                raise CheckpointError(f"{file}: {name}.{key} has shape {tuple(value.shape)}, the parameter "
+                                      f"{tuple(p.shape)}")
+        restored[idx] = entry
+    groups = state["param_groups"]
+    if len(groups) != len(optimizer.param_groups):
+        raise CheckpointError(f"{path / 'state.json'}: {len(groups)} parameter groups, the optimizer has "
+                              f"{len(optimizer.param_groups)}")
+    sd = optimizer.state_dict()
+    sd["state"] = restored
+    sd["param_groups"] = [{**g, "params": cur["params"]} for g, cur in zip(groups, sd["param_groups"])]
+    optimizer.load_state_dict(sd)

@@ -1,0 +1,250 @@
+"""The pretraining loop: V3's losses, AdamW, auxiliary-loss-free balancing, validation, checkpoints.
+
+Per optimizer step (paper sections 2.1.2, 2.2, 4.2):
+    L = L_main + lambda * (1/D) sum_k L_MTP^k + alpha * sum_layers L_Bal       (averaged over micro-batches)
+    clip ||grad|| to 1.0;  AdamW step;  then for every MoE layer, from the step's token counts c:
+    b_i <- b_i + gamma * sign(mean(c) - c_i)                                    (the bias is not a parameter)
+Logged per step: loss terms, lr, grad norm, tokens/s, MFU, expert load MaxVio = max(c) / mean(c) - 1.
+Left out: V3's batch-size ramp, FIM, document masking (V3 packs documents without cross-document masks too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.cost import measure_gemm_peak, run_compute, train_flops_per_token
+from nanoseek.data.builtin import ensure_builtin_data
+from nanoseek.data.loader import TokenLoader
+from nanoseek.data.shards import ShardSet
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.model import Transformer
+from nanoseek.report import plot_training, read_metrics, write_report
+from nanoseek.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.train.config import TrainConfig
+from nanoseek.train.optim import build_optimizer, lr_at
+
+
+@functools.cache
+def gemm_peak(device: str) -> float:
+    """The device's measured GEMM peak (2048^3, max of 3), measured once per process."""
+    return measure_gemm_peak(sizes=(2048,), device=torch.device(device))
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} but no CUDA device is available")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, dtype: str):
+    """bf16 autocast where the device computes it fast (CUDA with bf16); fp32 otherwise (auto)."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def v3_loss(out, mtp_lambda: float, alpha: float) -> dict[str, torch.Tensor]:
+    """The terms of L from a forward with labels: main, mtp (mean over depths), balance (sum over layers)."""
+    terms = {"main": out.loss}
+    loss = out.loss
+    if out.mtp_losses:
+        terms["mtp"] = torch.stack(out.mtp_losses).mean()
+        loss = loss + mtp_lambda * terms["mtp"]
+    balance = [r.balance_loss for r in out.router if r.balance_loss is not None]
+    if balance:
+        terms["balance"] = torch.stack(balance).sum()
+        loss = loss + alpha * terms["balance"]
+    terms["loss"] = loss
+    return terms
+
+
+@torch.no_grad()
+def update_router_biases(model: Transformer, counts: torch.Tensor, gamma: float) -> None:
+    """Auxiliary-loss-free balancing: b_i += gamma * sign(mean(c) - c_i), per MoE layer (counts (n, e))."""
+    if gamma == 0:
+        return
+    for moe, c in zip(model.moe_layers(), counts.float()):
+        bias = getattr(moe.gate, "e_score_correction_bias", None)
+        if bias is not None:
+            bias += gamma * torch.sign(c.mean() - c)
+
+
+def max_violation(counts: torch.Tensor) -> list[float]:
+    """MaxVio per MoE layer: max_i c_i / mean(c) - 1 (0 = perfectly balanced)."""
+    c = counts.float()
+    return (c.amax(dim=-1) / c.mean(dim=-1).clamp_min(1e-9) - 1).tolist()
+
+
+class MetricsLog:
+    """metrics.jsonl, one JSON object per line; on resume, records past the checkpoint are dropped."""
+
+    def __init__(self, path: Path, keep_until: int | None):
+        self.path = path
+        if keep_until is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= keep_until]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = open(path, "a")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, loader: TokenLoader, batches: int, device, ctx) -> float:
+    model.eval()
+    total = 0.0
+    n = 0
+    for x, y in loader.val_batches(batches):
+        with ctx:
+            total += float(model(x.to(device), mtp=False, labels=y.to(device)).loss)
+        n += 1
+    model.train()
+    return total / max(n, 1)
+
+
+def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
+    """Run (or resume) the loop to cfg.steps; returns a summary dict (also the last line of metrics)."""
+    run = Path(cfg.out_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.device)
+    ctx = autocast_for(device, cfg.dtype)
+    torch.manual_seed(cfg.seed)
+    model = Transformer(cfg.model).to(device).train()
+    optimizer = build_optimizer(model, cfg.optim)
+    loader = TokenLoader(shard_dir, "train", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed)
+    val_loader = TokenLoader(shard_dir, "val", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed)
+    start, elapsed = 0, 0.0
+    ckpt = latest_checkpoint(run) if resume else None
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        if state["config"]["model"] != cfg.model.to_dict():
+            diff = [k for k, v in cfg.model.to_dict().items() if state["config"]["model"].get(k) != v]
+            raise CheckpointError(f"{ckpt / 'state.json'}: the checkpoint's model differs from the run's in {diff}")
+        start, elapsed = state["step"], state["elapsed"]
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    log = MetricsLog(run / "metrics.jsonl", keep_until=start if ckpt is not None else None)
+    flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, mtp=True).total
+    peak = gemm_peak(str(device))
+    n_moe = len(model.moe_layers())
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", unit="step",
+               disable=quiet, dynamic_ncols=True)
+    window_time, window_tokens, record = 0.0, 0, {}
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.steps, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        lam = cfg.mtp_weight(step)
+        counts = torch.zeros(n_moe, cfg.model.n_routed_experts, dtype=torch.long, device=device)
+        sums: dict[str, float] = {}
+        for _ in range(cfg.grad_accum):
+            x, y = loader.next_batch()
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with ctx:
+                out = model(x, mtp=lam > 0, labels=y)
+            terms = v3_loss(out, lam, cfg.balance_alpha)
+            (terms["loss"] / cfg.grad_accum).backward()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
+            if n_moe:
+                counts += torch.stack([r.tokens_per_expert for r in out.router])
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf")))
+        finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
+        if finite:
+            optimizer.step()
+            update_router_biases(model, counts, cfg.gamma(step))
+        optimizer.zero_grad(set_to_none=True)
+        step_time = time.perf_counter() - t0
+        elapsed += step_time
+        window_time += step_time
+        window_tokens += cfg.tokens_per_step
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps or not finite:
+            tok_s = window_tokens / window_time
+            window_time, window_tokens = 0.0, 0
+            record = {"step": done, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
+                      "grad_norm": round(grad_norm, 4), "tok_s": round(tok_s, 1),
+                      "mfu": round(flops_per_token * tok_s / peak, 4), "max_vio": [round(v, 4) for v in
+                      max_violation(counts)] if n_moe else [], "tokens": done * cfg.tokens_per_step,
+                      "elapsed": round(elapsed, 2), "skipped": not finite}
+            log.write(record)
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+            if not quiet:
+                bar.write(f"{done}/{cfg.steps} | loss {sums['loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f}"
+                          f" | tok/s {tok_s:,.0f} | mfu {record['mfu']:.1%}")
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            val = evaluate(model, val_loader, cfg.eval_batches, device, ctx)
+            log.write({"step": done, "val_loss": round(val, 6)})
+            if not quiet:
+                bar.write(f"{done}/{cfg.steps} | val_loss {val:.4f}")
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            state = {"loader": loader.state_dict(), "rng": torch.get_rng_state().tolist(), "elapsed": elapsed,
+                     "config": cfg.to_dict()}
+            save_checkpoint(run, done, model, optimizer, state, cfg.keep_last)
+    bar.close()
+    log.close()
+    return {"run_dir": str(run), "steps": cfg.steps, "elapsed": elapsed, "peak_flops": peak,
+            "flops_per_token": flops_per_token, "last": record, "model": model}
+
+
+def resolve_data(cfg: TrainConfig) -> tuple[TrainConfig, Path, Tokenizer]:
+    """The shard directory (built-in corpus when data.path is empty) and its tokenizer; the model's vocabulary
+    and special ids follow the tokenizer (vocab_size rounded up to a multiple of 64)."""
+    if cfg.data.path:
+        shard_dir = Path(cfg.data.path)
+    else:
+        shard_dir = ensure_builtin_data(Path(cfg.data.builtin_dir), vocab_size=cfg.data.builtin_vocab_size,
+                                        seed=cfg.data.builtin_seed, n_train_docs=cfg.data.builtin_docs)
+    shards = ShardSet.open(shard_dir)
+    tok = shards.tokenizer()
+    vocab = -(-tok.vocab_size // 64) * 64
+    model = cfg.model.replace(vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    shards.check_vocab(model.vocab_size)
+    return dataclasses.replace(cfg, model=model), shard_dir, tok
+
+
+def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+    """Data, training, plots and report.md: what `nanoseek train` does before any evaluation."""
+    cfg, shard_dir, tok = resolve_data(cfg)
+    result = train(cfg, shard_dir, resume=resume, quiet=quiet)
+    run_dir = Path(cfg.out_dir)
+    plot_training(run_dir)
+    last = result["last"] or {}
+    tokens = last.get("tokens", cfg.steps * cfg.tokens_per_step)
+    compute = run_compute(result["flops_per_token"], tokens, result["elapsed"], price_per_hour=cfg.price_per_hour,
+                          peak=result["peak_flops"])
+    _, evals = read_metrics(run_dir)
+    result["sections"] = {
+        "Run": {"model": f"{cfg.preset}: {cfg.model.summary()}", "data": str(shard_dir),
+                "steps": f"{cfg.steps} x {cfg.tokens_per_step:,} tokens", "tokens": f"{tokens:,}",
+                "final train loss": last.get("loss"), "final validation loss": evals[-1]["val_loss"] if evals else None,
+                "wall time": f"{result['elapsed']:.0f} s"},
+        "Compute": {"FLOPs per token (training, with MTP)": f"{result['flops_per_token'] / 1e6:.1f} MFLOP",
+                    "total FLOPs": f"{compute['flops']:.3e}", "device": str(resolve_device(cfg.device)),
+                    "measured GEMM peak": f"{result['peak_flops'] / 1e9:.0f} GFLOP/s",
+                    "MFU": f"{compute.get('mfu', float('nan')):.1%}",
+                    "device-hours": f"{compute['device_hours']:.4f}",
+                    "cost": f"${compute['cost']:.4f} at ${cfg.price_per_hour}/device-hour"},
+    }
+    result["report"] = write_report(run_dir, f"nanoseek run {run_dir.name}", result["sections"])
+    result["tokenizer"] = tok
+    result["config"] = cfg
+    return result

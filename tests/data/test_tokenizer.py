@@ -1,0 +1,107 @@
+import random
+
+import pytest
+
+from nanoseek.data.tasks import TASKS
+from nanoseek.data.tokenizer import SPECIAL_TOKENS, Tokenizer, render_chat
+from tests.data.conftest import MIXED_TEXT, write_jsonl
+
+ROUND_TRIP = [
+    "",
+    "hello world",
+    "  leading and trailing spaces  ",
+    "深度求索：中文文本必须逐字节往返。",
+    "emoji 😀🔥 family 👨‍👩‍👧 flag 🇯🇵 skin 👍🏽",
+    "combining: e\u0301 a\u0308 \u1e9b\u0323 (not normalized to NFC)",
+    "NUL\x00 and controls \x01\x02\x07\x1b[0m \x7f end",
+    "invalid-looking: \xff\xfe \u00c3\u00a9 \ufffd \ufeffBOM \U0010ffff \ue000",
+    "line\nbreaks\r\nand\ttabs\n\n\n",
+    "special strings <|end_of_text|> <think>x</think> <answer>7</answer> <|user|>",
+    "<|begin_of_text|><|begin_of_text|>",
+    "digits 0123456789 ٣٤٥ ½ ² 3.14e-10 -42",
+]
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip(tokenizer, text):
+    ids = tokenizer.encode(text)
+    assert tokenizer.decode(ids) == text
+    assert all(0 <= i < tokenizer.vocab_size for i in ids)
+
+
+def test_round_trip_random_unicode(tokenizer):
+    rng = random.Random(0)
+    planes = [(0x20, 0x7E), (0x0, 0x1F), (0xA0, 0x2FF), (0x4E00, 0x9FFF), (0x1F300, 0x1FAFF), (0xE000, 0xF8FF)]
+    for _ in range(50):
+        chars = []
+        for _ in range(rng.randint(1, 40)):
+            lo, hi = rng.choice(planes)
+            chars.append(chr(rng.randint(lo, hi)))  # no surrogates: not valid in UTF-8 (or in Python str I/O)
+        text = "".join(chars)
+        assert tokenizer.decode(tokenizer.encode(text)) == text
+
+
+def test_special_tokens(tokenizer):
+    ids = [tokenizer.bos_id, tokenizer.eos_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.think_id,
+           tokenizer.end_think_id]
+    assert ids == [0, 1, 2, 3, 4, 5]  # bos 0 / eos 1 match ModelConfig's defaults
+    for s, i in zip(SPECIAL_TOKENS, ids):
+        assert tokenizer.encode(s) == [i]
+        assert tokenizer.decode([i]) == s
+    assert tokenizer.encode("a", bos=True, eos=True) == [0, *tokenizer.encode("a"), 1]
+    # <answer> is plain text (R1): never a special id, but learned as one merged token from the documents
+    assert not set(tokenizer.encode("<answer>42</answer>")) & tokenizer.special_ids
+    assert len(tokenizer.encode("<answer>")) == 1
+
+
+def test_digits_are_single_tokens(tokenizer):
+    assert len(tokenizer.encode("31415926")) == 8
+    assert len(tokenizer.encode("347+586=")) == 8
+
+
+def test_encode_batch_matches_encode(tokenizer):
+    texts = ROUND_TRIP + MIXED_TEXT
+    assert tokenizer.encode_batch(texts) == [tokenizer.encode(t) for t in texts]
+
+
+def test_chat_format(tokenizer):
+    p = TASKS["add"].generate(3, 3)
+    msgs = p.messages()
+    assert render_chat(msgs) == p.document + "<|end_of_text|>"
+    ids = tokenizer.apply_chat(msgs)
+    assert ids == tokenizer.encode(p.document, eos=True)
+    prompt = tokenizer.apply_chat(msgs[:1])
+    assert prompt == [tokenizer.user_id, *tokenizer.encode(p.prompt), tokenizer.assistant_id]
+    assert ids[:len(prompt)] == prompt
+    assert tokenizer.apply_chat(msgs[:1], add_generation_prompt=False) == prompt[:-1]
+    with_reasoning = [msgs[0], {"role": "assistant", "content": "<answer>1</answer>", "reasoning": "1+0=1 c0"}]
+    assert render_chat(with_reasoning).endswith("<|assistant|><think>1+0=1 c0</think><answer>1</answer><|end_of_text|>")
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([{"role": "system", "content": "x"}], "role='system'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
+    ([{"role": "user", "content": 3}], "must be a string"),
+])
+def test_chat_errors(messages, match):
+    with pytest.raises(ValueError, match=match):
+        render_chat(messages)
+
+
+def test_save_load_and_train_from_files(tokenizer, tmp_path):
+    loaded = Tokenizer.load(tokenizer.path.parent)
+    assert loaded.sha256 == tokenizer.sha256 and loaded.vocab_size == tokenizer.vocab_size
+    assert loaded.encode(MIXED_TEXT[1]) == tokenizer.encode(MIXED_TEXT[1])
+    f = write_jsonl(tmp_path / "a.jsonl", [{"body": t} for t in MIXED_TEXT * 3])
+    tok = Tokenizer.train([f], 300, tmp_path / "tok", text_field="body")
+    assert (tmp_path / "tok" / "tokenizer.json").is_file() and tok.vocab_size <= 300
+    assert tok.decode(tok.encode(MIXED_TEXT[2])) == MIXED_TEXT[2]
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(ValueError, match="vocab_size=100 must be >= 262"):
+        Tokenizer.train(iter(["x"]), 100)
+    with pytest.raises(ValueError, match="no tokenizer at"):
+        Tokenizer.load(tmp_path)
+    with pytest.raises(ValueError, match="no such file"):
+        Tokenizer.train([tmp_path / "missing.txt"], 300)
