@@ -118,14 +118,17 @@ def evaluate(model: Transformer, loader: TokenLoader, batches: int, device, ctx)
     return total / max(n, 1)
 
 
-def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool = False) -> dict:
-    """Run (or resume) the loop to cfg.steps; returns a summary dict (also the last line of metrics)."""
+def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool = False, init=None) -> dict:
+    """Run (or resume) the loop to cfg.steps; returns a summary dict (also the last line of metrics).
+    `init(model)`, if given, edits the freshly initialized model (before any checkpoint is loaded)."""
     run = Path(cfg.out_dir)
     run.mkdir(parents=True, exist_ok=True)
     device = resolve_device(cfg.device)
     ctx = autocast_for(device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(device).train()
+    if init is not None:
+        init(model)
     optimizer = build_optimizer(model, cfg.optim)
     loader = TokenLoader(shard_dir, "train", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed)
     val_loader = TokenLoader(shard_dir, "val", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed)
@@ -164,8 +167,8 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
             (terms["loss"] / cfg.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
-            if n_moe:
-                counts += torch.stack([r.tokens_per_expert for r in out.router])
+            for i, r in enumerate(out.router):  # MTP layers report nothing on steps where lambda = 0
+                counts[i] += r.tokens_per_expert
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf")))
         finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
         if finite:
