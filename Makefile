@@ -7,7 +7,7 @@ TORCH  ?= torch==2.13.0
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -20,8 +20,10 @@ install: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# The demo: build the built-in reasoning corpus and its tokenizer, pretrain the `nano` preset for about
+# five minutes, print held-out accuracy and where the report and plots are.
 demo: $(STAMP)
-	$(PY) -m nanoseek model small
+	$(PY) -m nanoseek train --config configs/nano.toml
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -7,7 +7,7 @@ interleaved A B A B so machine drift hits both; the median step time after warm-
 Baselines: transformers with its defaults (experts_implementation="grouped_mm", attn_implementation="sdpa")
 and with per-expert loops (experts_implementation="eager"). MTP is off (transformers has none); the
 nanoseek row "+MTP" shows the cost of the V3 MTP module on top. MFU uses `nanoseek.cost`'s formula and a
-GEMM peak measured here. Peak memory is measured per framework in a fresh subprocess (ru_maxrss).
+GEMM peak measured here. Peak memory is measured per framework in a fresh subprocess (VmHWM).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cost import measure_gemm_peak, train_flops_per_token
+from nanoseek.train.loop import v3_loss
 
 
 def make_hf(cfg: ModelConfig, experts: str, ours: Transformer):
@@ -46,6 +47,8 @@ def _fused(ours: Transformer) -> dict:
 
 
 def step_fn(model, kind: str, x, y, ctx):
+    """One optimizer step. nanoseek runs its training path (`v3_loss` on a forward with labels: chunked
+    head cross-entropy, balance loss, MTP if present); transformers its logits + fp32 cross-entropy."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
                             fused=x.device.type in ("cpu", "cuda"))
 
@@ -53,13 +56,9 @@ def step_fn(model, kind: str, x, y, ctx):
         with ctx:
             if kind == "hf":
                 logits = model(input_ids=x).logits
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             else:
-                logits = model(x, mtp=kind == "ours+mtp")
-                logits, extra = logits.logits, logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        if kind == "ours+mtp":
-            from nanoseek.model import mtp_loss
-            loss = loss + 0.3 * mtp_loss(extra.mtp_logits, y)[0]
+                loss = v3_loss(model(x, labels=y), mtp_lambda=0.3, alpha=1e-4)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -75,6 +74,18 @@ def build(kind: str, cfg: ModelConfig, device):
     if kind.startswith("hf"):
         return make_hf(cfg, "grouped_mm" if kind == "hf" else "eager", ours.cpu()).to(device)
     return ours
+
+
+def peak_rss_self() -> float:
+    """This process's peak RSS in MiB: VmHWM (ru_maxrss survives fork + exec on Linux, so a child started by a
+    big parent would report the parent's peak)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def peak_rss(kind: str, args) -> float:
@@ -101,11 +112,10 @@ def main():
     x, y = x[:, :-1], x[:, 1:]
     kinds = ["ours", "hf", "hf-eager-experts", "ours+mtp"]
     if args.only:
-        step = step_fn(build(args.only, cfg, device), args.only.split("-")[0] if args.only.startswith("hf") else
-                       args.only, x, y, ctx)
+        step = step_fn(build(args.only, cfg, device), "hf" if args.only.startswith("hf") else args.only, x, y, ctx)
         for _ in range(args.steps):
             step()
-        print(json.dumps({"rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+        print(json.dumps({"rss_mib": peak_rss_self()}))
         return
     steps = {k: step_fn(build(k, cfg, device), "hf" if k.startswith("hf") else k, x, y, ctx) for k in kinds}
     times = {k: [] for k in kinds}

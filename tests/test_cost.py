@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import nanoseek.model.moe as moe_module
+from nanoseek.model.mla import MLA
 from nanoseek import ModelConfig, Transformer, cost
 from nanoseek.cli import main
 from nanoseek.config import PRESETS
@@ -98,8 +99,10 @@ def test_mla_cache_bytes():
 # ---------------------------------------------------------------------- FLOPs counted on tiny models
 @pytest.fixture
 def loop_experts(monkeypatch):
-    """The per-expert loop, whose mm FLOPs FlopCounterMode counts (it has no formula for grouped_mm)."""
+    """The per-expert loop, whose mm FLOPs FlopCounterMode counts (it has no formula for grouped_mm), and
+    unpadded V in SDPA (the math kernel's bmm FLOPs are counted; the CPU flash kernel's are not)."""
     monkeypatch.setattr(moe_module, "_grouped_mm_ok", lambda x: False)
+    monkeypatch.setattr(MLA, "pad_v", False)
 
 
 def counted(fn) -> dict:

@@ -11,7 +11,7 @@ Output directory:
     index.json            format, dtype, vocab_size, eos_id, tokenizer (path relative to the directory)
                           and its sha256, and per split the shard list with tokens / docs / offsets
     train_00000.bin ...   raw little-endian token ids (np.memmap-able), uint16 if vocab_size <= 65536
-    val_00000.bin ...     else uint32; each document is followed by eos, so eos marks the boundaries
+    val_00000.bin ...     else uint32; each document is written bos + tokens + eos, so bos/eos mark the boundaries
 
 The validation split is chosen per document: val iff blake2b(seed, utf-8 text) / 2**64 < val_fraction.
 It depends on the text only (not on order, files or Python's salted `hash`), so identical documents
@@ -101,7 +101,8 @@ def _read_txt(path: Path, _field: str) -> Iterator[str]:
         yield "".join(lines).rstrip("\r\n")
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of a .jsonl file; errors name the file and line."""
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -113,21 +114,26 @@ def _read_jsonl(path: Path, field: str) -> Iterator[str]:
                     raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-                if field not in row:
-                    raise ValueError(f"{path}:{lineno}: no field {field!r} (fields: {sorted(row)}); "
-                                     f"name the text field with --text-field")
-                text = row[field]
-                if not isinstance(text, str):
-                    raise ValueError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
-                try:
-                    text.encode("utf-8")
-                except UnicodeEncodeError:
-                    raise ValueError(f"{path}:{lineno}: field {field!r} holds a lone surrogate "
-                                     f"(not encodable as UTF-8)") from None
-                if text:
-                    yield text
+                yield lineno, row
     except UnicodeDecodeError as e:
         raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
+
+
+def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+    for lineno, row in iter_jsonl(path):
+        if field not in row:
+            raise ValueError(f"{path}:{lineno}: no field {field!r} (fields: {sorted(row)}); "
+                             f"name the text field with --text-field")
+        text = row[field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{lineno}: field {field!r} is {type(text).__name__}, not a string")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{path}:{lineno}: field {field!r} holds a lone surrogate "
+                             f"(not encodable as UTF-8)") from None
+        if text:
+            yield text
 
 
 def _read_parquet(path: Path, field: str) -> Iterator[str]:
@@ -164,7 +170,7 @@ def _read_hf(spec: str, field: str) -> Iterator[str]:
 
 # ---------------------------------------------------------------------- writing shards
 class _SplitWriter:
-    """Appends documents (already ending in eos) to `{split}_{k:05d}.bin`, rolling over at doc boundaries."""
+    """Appends documents (already framed by bos ... eos) to `{split}_{k:05d}.bin`, rolling over at doc boundaries."""
 
     def __init__(self, out_dir: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, dtype, shard_tokens
@@ -224,7 +230,7 @@ def prepare(inputs: list[str | Path], tokenizer: Tokenizer, out_dir: str | Path,
         old.unlink(missing_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _SplitWriter(out_dir, s, dtype, shard_tokens) for s in SPLITS}
-    eos = [tokenizer.eos_id]
+    bos, eos = [tokenizer.bos_id], [tokenizer.eos_id]
 
     def chunks(size: int = 1024) -> Iterator[list[str]]:
         chunk: list[str] = []
@@ -239,7 +245,7 @@ def prepare(inputs: list[str | Path], tokenizer: Tokenizer, out_dir: str | Path,
 
     def write(texts: list[str], encoded: list[list[int]]) -> None:
         for text, ids in zip(texts, encoded):
-            writers["val" if is_val(text, val_fraction, seed) else "train"].add(ids + eos)
+            writers["val" if is_val(text, val_fraction, seed) else "train"].add(bos + ids + eos)
         bar.update(sum(len(ids) + 1 for ids in encoded))
         bar.set_postfix(docs=writers["train"].docs + writers["val"].docs, refresh=False)
 

@@ -18,10 +18,11 @@ the model may write them anywhere. A special-token string that occurs in input t
 special token.
 
 Chat format (`render_chat`; the built-in corpus documents use it verbatim):
-    <|user|>{prompt}<|assistant|><think>{reasoning}</think>{answer text}<|end_of_text|>
+    <|begin_of_text|><|user|>{prompt}<|assistant|><think>{reasoning}</think>{answer text}<|end_of_text|>
 Turns alternate user / assistant (no system role, as R1 recommends); each assistant turn ends with eos,
-which is also the document separator of the token stream and the stop token for generation. No bos is
-added: the packed training stream is `doc eos doc eos ...`.
+the stop token for generation. The packed training stream is `bos doc eos bos doc eos ...`, so a prompt
+rendered here begins exactly as every training document does (without bos, a small model trained on the
+stream mis-reads prompts that start at position 0: 0% vs a correct answer, seen on the demo model).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str
     one, its content is written as is (it may already hold the think block). With add_generation_prompt
     and a final user turn, the text ends with `<|assistant|>`, ready for the model to write `<think>`.
     """
-    parts = []
+    parts = [BOS]
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
         if role not in ("user", "assistant"):

@@ -25,26 +25,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         valid = target != ignore_index
         count = valid.sum().clamp_min(1)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        dh = torch.empty_like(h) if need_grad else None
-        dw = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
+        wf = w.float()  # everything in fp32, whatever the autocast around (logits need the range)
+        dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
+        dw = torch.empty(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
         total = torch.zeros((), dtype=torch.float32, device=h.device)
-        step = _chunk_rows(w.shape[0])
+        step = min(n, _chunk_rows(w.shape[0]))
+        # one logits buffer, reused by every chunk: fresh large allocations page-fault on every touch
+        buf = torch.empty(step, w.shape[0], dtype=torch.float32, device=h.device)
         for i in range(0, n, step):
             hc, tc, vc = h[i:i + step], target[i:i + step], valid[i:i + step]
-            logits = (hc @ w.T).float()  # (c, V)
-            lse = logits.logsumexp(dim=-1)
+            hc = hc.float()
+            logits = torch.mm(hc, wf.T, out=buf[: len(hc)])  # (c, V)
             safe = tc.where(vc, 0)
             picked = logits.gather(1, safe[:, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            p = logits.sub_(top).exp_()  # in place: exp(logits - max)
+            z = p.sum(dim=-1, keepdim=True)
+            lse = (top + z.log()).squeeze(1)
             total += ((lse - picked) * vc).sum()
             if need_grad:
-                p = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                p.div_(z)  # softmax
                 p[torch.arange(len(tc), device=p.device), safe] -= 1
-                p *= vc[:, None] / count
-                p = p.to(h.dtype)
-                dh[i:i + step] = p @ w
-                dw.addmm_(p.T.to(dw.dtype), hc.to(dw.dtype))
+                p.mul_((vc / count)[:, None])
+                torch.mm(p, wf, out=dh[i:i + step])
+                dw.addmm_(p.T, hc, beta=1 if i else 0)  # beta=0: the first chunk overwrites
         if need_grad:
-            ctx.save_for_backward(dh, dw.to(w.dtype))
+            ctx.save_for_backward(dh.to(h.dtype), dw.to(w.dtype))
         return total / count
 
     @staticmethod
@@ -56,4 +62,5 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                          ignore_index: int = -100) -> torch.Tensor:
     """h (..., H), weight (V, H), target (...) -> mean cross-entropy of h @ weight^T against target."""
-    return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, target.reshape(-1), ignore_index)
+    with torch.autocast(h.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, target.reshape(-1), ignore_index)

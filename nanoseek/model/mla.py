@@ -60,6 +60,7 @@ class LatentCache:
 
 class MLA(nn.Module):
     absorb_max_query = 16  # up to this many new tokens per row, attend on the latent cache (memory-bound regime)
+    pad_v = True  # causal SDPA: pad V to the QK head dim so the fused (flash) kernel applies (same result)
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -113,10 +114,13 @@ class MLA(nn.Module):
         k_nope, v = self.kv_b_proj(c_kv).view(b, t, h, dn + self.d_v).split([dn, self.d_v], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, t, h, self.d_rope)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
+        pad = k.shape[-1] - self.d_v if mask is None and self.pad_v else 0
+        if pad > 0:  # causal SDPA has a fused (flash) kernel only for equal K and V head dims: pad V with zeros
+            v = F.pad(v, (0, pad))
         o = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
             attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale)
-        return o.transpose(1, 2)  # (b, s, h, d_v)
+        return o.transpose(1, 2)[..., : self.d_v]  # (b, s, h, d_v)
 
     def _absorbed(self, q_nope, q_pe, latent, mask):
         """Attention on the latent cache: scores = [q_nope W_UK, q_pe] . [c_KV, k_pe]; o = (p c_KV) W_UV."""

@@ -110,8 +110,9 @@ class Experts(nn.Module):
         token = order // k
         xs = x[token]  # (t*k, H), grouped by expert
         gate, up = self._mm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
-        out = self._mm(F.silu(gate) * up, self.down_proj, counts)
-        out = out * weights.flatten()[order, None].to(out.dtype)
+        # w * down(a) = down(w * a): weight the I-wide activation, not the H-wide output
+        act = F.silu(gate) * up * weights.flatten()[order, None].to(xs.dtype)
+        out = self._mm(act, self.down_proj, counts)
         return torch.zeros_like(x).index_add_(0, token, out), counts
 
     @staticmethod

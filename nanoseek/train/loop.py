@@ -133,7 +133,10 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
     loader = TokenLoader(shard_dir, "train", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed)
     val_loader = TokenLoader(shard_dir, "val", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed)
     start, elapsed = 0, 0.0
-    ckpt = latest_checkpoint(run) if resume else None
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None and not resume:
+        raise ValueError(f"{run} already holds a run (last checkpoint {ckpt.name}); pass --resume to continue it, "
+                         f"or choose another out_dir")
     if ckpt is not None:
         state = load_checkpoint(ckpt, model, optimizer)
         if state["config"]["model"] != cfg.model.to_dict():
@@ -208,14 +211,15 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
             "flops_per_token": flops_per_token, "last": record, "model": model}
 
 
-def resolve_data(cfg: TrainConfig) -> tuple[TrainConfig, Path, Tokenizer]:
+def resolve_data(cfg: TrainConfig, progress: bool = False) -> tuple[TrainConfig, Path, Tokenizer]:
     """The shard directory (built-in corpus when data.path is empty) and its tokenizer; the model's vocabulary
     and special ids follow the tokenizer (vocab_size rounded up to a multiple of 64)."""
     if cfg.data.path:
         shard_dir = Path(cfg.data.path)
     else:
         shard_dir = ensure_builtin_data(Path(cfg.data.builtin_dir), vocab_size=cfg.data.builtin_vocab_size,
-                                        seed=cfg.data.builtin_seed, n_train_docs=cfg.data.builtin_docs)
+                                        seed=cfg.data.builtin_seed, n_train_docs=cfg.data.builtin_docs,
+                                        progress=progress)
     shards = ShardSet.open(shard_dir)
     tok = shards.tokenizer()
     vocab = -(-tok.vocab_size // 64) * 64
@@ -226,7 +230,7 @@ def resolve_data(cfg: TrainConfig) -> tuple[TrainConfig, Path, Tokenizer]:
 
 def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     """Data, training, plots and report.md: what `nanoseek train` does before any evaluation."""
-    cfg, shard_dir, tok = resolve_data(cfg)
+    cfg, shard_dir, tok = resolve_data(cfg, progress=not quiet)
     result = train(cfg, shard_dir, resume=resume, quiet=quiet)
     run_dir = Path(cfg.out_dir)
     plot_training(run_dir)

@@ -19,6 +19,7 @@ class StubTokenizer:
 
     def __init__(self, vocab_size: int = 65001, eos_id: int | None = None):
         self.vocab_size, self.eos_id = vocab_size, vocab_size - 1 if eos_id is None else eos_id
+        self.bos_id = self.eos_id - 1
         self.path, self.sha256 = None, "stub"
 
     def encode_batch(self, texts):

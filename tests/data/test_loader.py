@@ -27,11 +27,11 @@ def stream(d, split="train"):
 
 
 def start_of(row: torch.Tensor, s: np.ndarray) -> int:
-    """Where a window sits in the stream (ids are unique except eos, so two tokens pin it)."""
-    a, b = int(row[0]), int(row[1])
-    hits = [i for i in np.flatnonzero(s[:-1] == a) if s[i + 1] == b]
+    """Where a window sits in the stream (ids are unique except bos/eos, so one other token pins it)."""
+    j = next(j for j, t in enumerate(row.tolist()) if t not in (EOS, EOS - 1))
+    hits = np.flatnonzero(s == int(row[j]))
     assert len(hits) == 1
-    return int(hits[0])
+    return int(hits[0]) - j
 
 
 def test_shapes_shift_and_packing(stream_dir):
@@ -43,10 +43,10 @@ def test_shapes_shift_and_packing(stream_dir):
     for row_x, row_y in zip(x, y):
         i = start_of(row_x, s)
         assert np.array_equal(row_x.numpy(), s[i:i + L]) and np.array_equal(row_y.numpy(), s[i + 1:i + L + 1])
-    # documents are packed back to back with one eos between them, never padded
+    # documents are packed back to back, each framed by bos ... eos, never padded
     assert (x == EOS).any() and (y == EOS).sum() > 0
     cuts = np.flatnonzero(s == EOS)
-    assert np.all(np.diff(cuts) == 10)
+    assert np.all(np.diff(cuts) == 11) and np.all(s[cuts[:-1] + 1] == EOS - 1)
 
 
 def test_epoch_covers_distinct_windows(stream_dir):

@@ -10,11 +10,13 @@ from tests.data.conftest import MIXED_TEXT, StubTokenizer, range_docs, write_jso
 
 
 def split_docs(tokenizer, shards: ShardSet, split: str) -> list[str]:
-    """Decode a split's stream and cut it at eos."""
+    """Decode a split's stream and cut it at eos; every document is framed by bos ... eos."""
     stream = np.concatenate(shards.arrays(split)) if shards.arrays(split) else np.zeros(0, np.uint16)
-    assert len(stream) == 0 or stream[-1] == tokenizer.eos_id  # every document ends with eos
+    assert len(stream) == 0 or stream[-1] == tokenizer.eos_id
     cuts = np.flatnonzero(stream == tokenizer.eos_id)
-    return [tokenizer.decode(stream[a + 1 if i else 0:b]) for i, (a, b) in enumerate(zip([-1, *cuts[:-1]], cuts))]
+    starts = [0, *(cuts[:-1] + 1)]
+    assert all(stream[a] == tokenizer.bos_id for a in starts[: len(cuts)])
+    return [tokenizer.decode(stream[a + 1:b]) for a, b in zip(starts, cuts)]
 
 
 @pytest.fixture
@@ -80,7 +82,7 @@ def test_uint32_when_vocab_exceeds_uint16(tmp_path):
     s = ShardSet.open(tmp_path / "out")
     assert s.dtype == np.uint32 and s.index["dtype"] == "uint32"
     stream = np.concatenate(s.arrays("train"))
-    assert stream.max() == 69999 and stream[:11].tolist() == list(range(65520, 65530)) + [69999]
+    assert stream.max() == 69999 and stream[:12].tolist() == [69998, *range(65520, 65530), 69999]
     assert s.check_vocab(70000) == 69999
 
 

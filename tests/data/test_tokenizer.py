@@ -67,11 +67,11 @@ def test_encode_batch_matches_encode(tokenizer):
 def test_chat_format(tokenizer):
     p = TASKS["add"].generate(3, 3)
     msgs = p.messages()
-    assert render_chat(msgs) == p.document + "<|end_of_text|>"
+    assert render_chat(msgs) == "<|begin_of_text|>" + p.document + "<|end_of_text|>"
     ids = tokenizer.apply_chat(msgs)
-    assert ids == tokenizer.encode(p.document, eos=True)
+    assert ids == tokenizer.encode(p.document, bos=True, eos=True)  # as documents are framed in the shards
     prompt = tokenizer.apply_chat(msgs[:1])
-    assert prompt == [tokenizer.user_id, *tokenizer.encode(p.prompt), tokenizer.assistant_id]
+    assert prompt == [tokenizer.bos_id, tokenizer.user_id, *tokenizer.encode(p.prompt), tokenizer.assistant_id]
     assert ids[:len(prompt)] == prompt
     assert tokenizer.apply_chat(msgs[:1], add_generation_prompt=False) == prompt[:-1]
     with_reasoning = [msgs[0], {"role": "assistant", "content": "<answer>1</answer>", "reasoning": "1+0=1 c0"}]

@@ -79,3 +79,13 @@ def test_positions_outside_cache_are_rejected():
         assert "positions must lie in [0, 4)" in str(e)
     else:
         raise AssertionError("no error")
+
+
+def test_padded_v_flash_path_equals_math_path(monkeypatch):
+    model = tiny_model()
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        padded = model(ids).logits
+        monkeypatch.setattr(MLA, "pad_v", False)
+        plain = model(ids).logits
+    torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)

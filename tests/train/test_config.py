@@ -63,3 +63,11 @@ def test_loss_weight_schedules():
     cfg = TrainConfig(steps=100)
     assert cfg.mtp_weight(0) == 0.3 and cfg.mtp_weight(99) == 0.1
     assert cfg.gamma(0) == 1e-3 and cfg.gamma(99) == 0.0
+
+
+@pytest.mark.parametrize("name", ["tiny", "nano", "small"])
+def test_shipped_run_files_validate(name):
+    from pathlib import Path
+
+    cfg = load_train_config(Path(__file__).parents[2] / "configs" / f"{name}.toml")
+    assert cfg.preset == name and cfg.model == __import__("nanoseek").ModelConfig.preset(name)

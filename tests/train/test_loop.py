@@ -147,3 +147,10 @@ def test_mtp_off(make_cfg, overrides):
     cfg, shard_dir, _ = resolve_data(make_cfg("steps=2", *overrides))
     train(cfg, shard_dir, quiet=True)
     assert all("mtp" not in r for r in records(__import__("pathlib").Path(cfg.out_dir)))
+
+
+def test_an_existing_run_is_never_overwritten(make_cfg):
+    cfg, shard_dir, _ = resolve_data(make_cfg("steps=4"))
+    train(cfg, shard_dir, quiet=True)
+    with pytest.raises(ValueError, match="already holds a run \\(last checkpoint step_000004\\); pass --resume"):
+        train(cfg, shard_dir, quiet=True)

@@ -1,7 +1,7 @@
 """Verifiable tasks: generated problem families (r1-spec 4.3) and user tasks from JSONL.
 
 Document format (the chat format of `nanoseek.data.tokenizer`, one problem per document; in the token
-stream each document is followed by <|end_of_text|>, which the shard writer adds):
+stream each document is framed by <|begin_of_text|> ... <|end_of_text|>, which the shard writer adds):
 
     <|user|>{prompt}<|assistant|><think>{reasoning}</think><answer>{answer}</answer>
 

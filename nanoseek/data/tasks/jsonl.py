@@ -7,10 +7,10 @@ Optional fields: `reasoning` (a reference trace, for SFT documents), `difficulty
 
 from __future__ import annotations
 
-import json
 from fractions import Fraction
 from pathlib import Path
 
+from nanoseek.data.shards import iter_jsonl
 from nanoseek.data.tasks import SPLITS, Problem, Task, make_rng, split_of
 
 
@@ -63,35 +63,26 @@ def load_jsonl_tasks(path: str | Path) -> JsonlTask:
     if not path.is_file():
         raise ValueError(f"{path}: no such task file")
     problems, splits = [], []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(row).__name__}")
-            missing = [k for k in ("prompt", "answer") if k not in row]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: missing {missing} (fields: {sorted(row)}); "
-                                 f"a task line needs 'prompt' and 'answer'")
-            prompt, answer = row.pop("prompt"), row.pop("answer")
-            if not isinstance(prompt, str) or not prompt:
-                raise ValueError(f"{path}:{lineno}: 'prompt' must be a non-empty string")
-            if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
-                raise ValueError(f"{path}:{lineno}: 'answer' must be a string or a number, "
-                                 f"got {type(answer).__name__}")
-            split = row.pop("split", None) or split_of(prompt)
-            if split not in SPLITS:
-                raise ValueError(f"{path}:{lineno}: split={split!r} must be one of {SPLITS}")
-            difficulty = row.pop("difficulty", 0)
-            if not isinstance(difficulty, int):
-                raise ValueError(f"{path}:{lineno}: difficulty={difficulty!r} must be an integer")
-            reasoning = row.pop("reasoning", "")
-            problems.append(Problem(prompt, str(reasoning), str(answer), f"jsonl:{path.stem}", difficulty, row))
-            splits.append(split)
+    for lineno, row in iter_jsonl(path):
+        missing = [k for k in ("prompt", "answer") if k not in row]
+        if missing:
+            raise ValueError(f"{path}:{lineno}: missing {missing} (fields: {sorted(row)}); "
+                             f"a task line needs 'prompt' and 'answer'")
+        prompt, answer = row.pop("prompt"), row.pop("answer")
+        if not isinstance(prompt, str) or not prompt:
+            raise ValueError(f"{path}:{lineno}: 'prompt' must be a non-empty string")
+        if not isinstance(answer, (str, int, float)) or isinstance(answer, bool):
+            raise ValueError(f"{path}:{lineno}: 'answer' must be a string or a number, "
+                             f"got {type(answer).__name__}")
+        split = row.pop("split", None) or split_of(prompt)
+        if split not in SPLITS:
+            raise ValueError(f"{path}:{lineno}: split={split!r} must be one of {SPLITS}")
+        difficulty = row.pop("difficulty", 0)
+        if not isinstance(difficulty, int):
+            raise ValueError(f"{path}:{lineno}: difficulty={difficulty!r} must be an integer")
+        reasoning = row.pop("reasoning", "")
+        problems.append(Problem(prompt, str(reasoning), str(answer), f"jsonl:{path.stem}", difficulty, row))
+        splits.append(split)
     if not problems:
         raise ValueError(f"{path}: no tasks (the file is empty)")
     return JsonlTask(path, problems, splits)
