@@ -96,6 +96,40 @@ def peak_rss(kind: str, args) -> float:
     return json.loads(out.strip().splitlines()[-1])["rss_mib"]
 
 
+EXPERT_MATH = ("aten::mm", "aten::_grouped_mm", "aten::grouped_mm", "aten::addmm", "aten::silu",
+               "aten::silu_backward", "aten::mul", "aten::linear", "aten::matmul", "aten::t")
+
+
+def routing_share(cfg: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
+    """One MoE layer, forward + backward, under the profiler: (share of its self CPU time outside the expert
+    and shared-expert matmuls and their SwiGLU, i.e. router + sort/permute + gather/scatter + balance stats,
+    the layer's total ms)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nanoseek.model.moe import MoE
+
+    torch.manual_seed(0)
+    moe = MoE(cfg)
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(batch, seq, cfg.hidden_size, requires_grad=True)
+    g = torch.randn(batch, seq, cfg.hidden_size)
+
+    def run():
+        y, stats = moe(x)
+        ((y * g).sum() + stats.balance_loss).backward()
+
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        run()
+        total = time.perf_counter() - t0
+    ops = prof.key_averages()
+    all_time = sum(e.self_cpu_time_total for e in ops)
+    math = sum(e.self_cpu_time_total for e in ops if e.key in EXPERT_MATH)
+    return 1 - math / all_time, total * 1e3
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
@@ -133,6 +167,9 @@ def main():
           f"device {device}, dtype {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
     print(f"preset {args.preset}, batch {args.batch} x seq {args.seq}, AdamW, median of {args.steps} steps; "
           f"measured GEMM peak {peak / 1e9:.0f} GFLOP/s")
+    share, ms = routing_share(cfg, args.batch, args.seq)
+    print(f"routing share of one MoE layer (router, sort/permute, gather/scatter, balance stats; fwd+bwd): "
+          f"{share:.1%} of {ms:.0f} ms")
     print(f"{'run':<34}{'step ms':>10}{'tok/s':>10}{'MFU':>8}{'vs HF':>8}{'vs HF eager':>13}{'peak MiB':>10}")
     med = {k: statistics.median(v) for k, v in times.items()}
     names = {"ours": "nanoseek", "hf": "transformers (grouped_mm, sdpa)",
