@@ -66,13 +66,18 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _cell(value) -> str:
+    """A markdown table cell: a literal | (reasoning traces use it) must be escaped."""
+    return str(value).replace("|", "\\|")
+
+
 def write_report(run_dir: Path, title: str, sections: dict[str, dict]) -> Path:
     """report.md: one table per section (name -> {label: value}) and the plots."""
     run_dir = Path(run_dir)
     lines = [f"# {title}", ""]
     for name, rows in sections.items():
         lines += [f"## {name}", "", "| | |", "|---|---|"]
-        lines += [f"| {k} | {v} |" for k, v in rows.items()]
+        lines += [f"| {k} | {_cell(v)} |" for k, v in rows.items()]
         lines.append("")
     plots = sorted((run_dir / "plots").glob("*.png")) if (run_dir / "plots").exists() else []
     if plots:

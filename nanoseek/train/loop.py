@@ -115,7 +115,7 @@ def evaluate(model: Transformer, loader: TokenLoader, batches: int, device, ctx)
             total += float(model(x.to(device), mtp=False, labels=y.to(device)).loss)
         n += 1
     model.train()
-    return total / max(n, 1)
+    return total / n if n else float("nan")  # a val split shorter than one sequence has no loss
 
 
 def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool = False, init=None) -> dict:
