@@ -343,7 +343,9 @@ def apply_overrides(obj, overrides: list[str]):
         head, _, rest = key.partition(".")
         names = [f.name for f in fields(obj)]
         if head not in names:
-            near = difflib.get_close_matches(head, names, n=1)
+            nested = [f"{f.name}.{head}" for f in fields(obj) if dataclasses.is_dataclass(getattr(obj, f.name))
+                      and head in {g.name for g in fields(getattr(obj, f.name))}]
+            near = nested or difflib.get_close_matches(head, names, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             raise ValueError(f"unknown field {head!r} in {type(obj).__name__}{hint}")
         current = changes.get(head, getattr(obj, head))

@@ -1,5 +1,8 @@
+import math
+
 import pytest
 
+from nanoseek import ModelConfig
 from nanoseek.train.config import OptimConfig, TrainConfig, load_train_config
 from nanoseek.train.optim import lr_at
 
@@ -48,7 +51,7 @@ def test_v3_schedule_shape():
     assert all(lr == 1.0 for lr in lrs[10:50])  # constant
     assert lrs[-1] == pytest.approx(0.1)  # cosine down to 10%
     assert all(a >= b for a, b in zip(lrs[50:], lrs[51:]))
-    assert lrs[75] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + __import__("math").cos(__import__("math").pi * 25 / 49)))
+    assert lrs[75] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 25 / 49)))
 
 
 def test_wsd_schedule_decays_linearly():
@@ -70,4 +73,9 @@ def test_shipped_run_files_validate(name):
     from pathlib import Path
 
     cfg = load_train_config(Path(__file__).parents[2] / "configs" / f"{name}.toml")
-    assert cfg.preset == name and cfg.model == __import__("nanoseek").ModelConfig.preset(name)
+    assert cfg.preset == name and cfg.model == ModelConfig.preset(name)
+
+
+def test_a_nested_field_given_at_top_level_is_pointed_to():
+    with pytest.raises(ValueError, match="unknown field 'warmup_steps' in TrainConfig; did you mean 'optim.warmup_steps'"):
+        load_train_config(None, ["warmup_steps=3"])

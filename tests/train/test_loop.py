@@ -4,6 +4,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def test_loss_falls_and_artifacts_exist(make_cfg, tmp_path):
 
 def test_resume_is_bit_exact(make_cfg, tmp_path):
     """A run killed after its step-4 checkpoint and resumed equals the run that never stopped, bit for bit."""
-    cfg, shard_dir, _ = resolve_data(make_cfg(out="full", ))
+    cfg, shard_dir, _ = resolve_data(make_cfg(out="full"))
     full = train(cfg, shard_dir, quiet=True)
     killed = tmp_path / "killed"
     shutil.copytree(tmp_path / "full", killed)
@@ -125,7 +126,7 @@ def test_loss_free_balancing_reduces_max_violation(make_cfg):
         cfg, shard_dir, _ = resolve_data(make_cfg("steps=40", f"bias_gamma={gamma}", f"bias_gamma_late={gamma}",
                                                   "ckpt_every=100", "eval_every=100", out=f"g{gamma}"))
         train(cfg, shard_dir, quiet=True, init=skew)
-        recs = records(__import__("pathlib").Path(cfg.out_dir))
+        recs = records(Path(cfg.out_dir))
         vio[gamma] = sum(max(r["max_vio"]) for r in recs[-10:]) / 10
     assert vio[0.01] < 0.5 * vio[0.0]
 
@@ -135,7 +136,7 @@ def test_gradient_accumulation_matches_one_big_batch(make_cfg):
     cfg_b, _, _ = resolve_data(make_cfg("steps=3", "batch_size=2", "grad_accum=2", out="b"))
     a = train(cfg_a, shard_dir, quiet=True)
     b = train(cfg_b, shard_dir, quiet=True)
-    ra, rb = records(__import__("pathlib").Path(cfg_a.out_dir)), records(__import__("pathlib").Path(cfg_b.out_dir))
+    ra, rb = records(Path(cfg_a.out_dir)), records(Path(cfg_b.out_dir))
     for x, y in zip(ra, rb):
         assert x["main"] == pytest.approx(y["main"], rel=1e-5)
     for (n, p), (_, q) in zip(a["model"].named_parameters(), b["model"].named_parameters()):
@@ -146,7 +147,7 @@ def test_gradient_accumulation_matches_one_big_batch(make_cfg):
 def test_mtp_off(make_cfg, overrides):
     cfg, shard_dir, _ = resolve_data(make_cfg("steps=2", *overrides))
     train(cfg, shard_dir, quiet=True)
-    assert all("mtp" not in r for r in records(__import__("pathlib").Path(cfg.out_dir)))
+    assert all("mtp" not in r for r in records(Path(cfg.out_dir)))
 
 
 def test_an_existing_run_is_never_overwritten(make_cfg):
