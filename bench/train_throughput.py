@@ -39,14 +39,11 @@ def make_hf(cfg: ModelConfig, experts: str, ours: Transformer):
 
 
 def _fused(ours: Transformer) -> dict:
-    """Our weights under transformers-5 names (stacked experts as in its modules)."""
-    sd = {}
-    for k, v in ours.state_dict().items():
-        sd[k if k == "lm_head.weight" else f"model.{k}"] = v.clone()
-    return {k: v for k, v in sd.items() if ".mtp." not in k}
+    """Our weights (no MTP) under transformers-5 names: the same stacked experts, a `model.` prefix."""
+    return {k if k == "lm_head.weight" else f"model.{k}": v.clone() for k, v in ours.state_dict().items()}
 
 
-def step_fn(model, kind: str, x, y, ctx):
+def step_fn(model, is_hf: bool, x, y, ctx):
     """One optimizer step. nanoseek runs its training path (`v3_loss` on a forward with labels: chunked
     head cross-entropy, balance loss, MTP if present); transformers its logits + fp32 cross-entropy."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -54,7 +51,7 @@ def step_fn(model, kind: str, x, y, ctx):
 
     def step():
         with ctx:
-            if kind == "hf":
+            if is_hf:
                 logits = model(input_ids=x).logits
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
             else:
@@ -146,12 +143,12 @@ def main():
     x, y = x[:, :-1], x[:, 1:]
     kinds = ["ours", "hf", "hf-eager-experts", "ours+mtp"]
     if args.only:
-        step = step_fn(build(args.only, cfg, device), "hf" if args.only.startswith("hf") else args.only, x, y, ctx)
+        step = step_fn(build(args.only, cfg, device), args.only.startswith("hf"), x, y, ctx)
         for _ in range(args.steps):
             step()
         print(json.dumps({"rss_mib": peak_rss_self()}))
         return
-    steps = {k: step_fn(build(k, cfg, device), "hf" if k.startswith("hf") else k, x, y, ctx) for k in kinds}
+    steps = {k: step_fn(build(k, cfg, device), k.startswith("hf"), x, y, ctx) for k in kinds}
     times = {k: [] for k in kinds}
     for i in range(args.steps + 2):
         for k in kinds:

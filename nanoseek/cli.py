@@ -109,7 +109,7 @@ def cmd_train(args) -> int:
             f"sample {i}": f"`{s['prompt']}` -> `{s['completion']}` ({'right' if s['correct'] else 'wrong'})"
             for i, s in enumerate(ev["samples"][:4])}
         print(f"held-out accuracy (greedy, {ev['n']} problems): {ev['accuracy']:.1%}")
-        write_report(cfg.out_dir, f"nanoseek run {Path(cfg.out_dir).name}", sections)
+        write_report(cfg.out_dir, sections)
     print(f"report: {result['report']}  plots: {Path(cfg.out_dir) / 'plots'}  metrics: "
           f"{Path(cfg.out_dir) / 'metrics.jsonl'}")
     return 0

@@ -71,10 +71,11 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
-def write_report(run_dir: Path, title: str, sections: dict[str, dict]) -> Path:
-    """report.md: one table per section (name -> {label: value}) and the plots."""
+def write_report(run_dir: Path, sections: dict[str, dict]) -> Path:
+    """RUN/report.md, titled after the run directory: one table per section (name -> {label: value}), then
+    the plots."""
     run_dir = Path(run_dir)
-    lines = [f"# {title}", ""]
+    lines = [f"# nanoseek run {run_dir.resolve().name}", ""]
     for name, rows in sections.items():
         lines += [f"## {name}", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {_cell(v)} |" for k, v in rows.items()]

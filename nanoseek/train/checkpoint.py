@@ -46,15 +46,18 @@ def model_tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu().clone() for k, v in model.hf_state_dict(mtp_copies=False).items()}
 
 
+def _param_names(model, optimizer) -> list[str]:
+    """The model's name for each parameter, in the optimizer's order (its state is keyed by that index)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
 def optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     """AdamW state keyed by parameter name; param groups (without the parameter lists) for JSON."""
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = _param_names(model, optimizer)
     sd = optimizer.state_dict()
-    params = [p for g in optimizer.param_groups for p in g["params"]]
-    tensors = {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            tensors[f"{names[id(params[idx])]}.{key}"] = value.detach().contiguous().cpu().clone()
+    tensors = {f"{names[idx]}.{key}": value.detach().contiguous().cpu().clone()
+               for idx, state in sd["state"].items() for key, value in state.items()}
     groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
     return tensors, groups
 
@@ -114,10 +117,9 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Restore weights (and optimizer state) in place; return state.json's contents."""
     state = read_state(path)
+    tensors = _load_tensors(path / "model.safetensors")
     try:
-        model.load_hf_state_dict(_load_tensors(path / "model.safetensors"))
-    except CheckpointError:
-        raise
+        model.load_hf_state_dict(tensors)
     except ValueError as e:
         raise CheckpointError(f"{path / 'model.safetensors'} does not fit the model: {e}") from None
     if optimizer is not None:
@@ -127,13 +129,14 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
 
 def _load_optimizer(path: Path, model, optimizer, state: dict) -> None:
     file = path / "optimizer.safetensors"
-    tensors = _load_tensors(file)
+    by_param: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in _load_tensors(file).items():
+        name, _, state_key = key.rpartition(".")
+        by_param.setdefault(name, {})[state_key] = value
     params = [p for g in optimizer.param_groups for p in g["params"]]
-    names = {id(p): n for n, p in model.named_parameters()}
     restored = {}
-    for idx, p in enumerate(params):
-        name = names[id(p)]
-        entry = {k[len(name) + 1:]: v for k, v in tensors.items() if k.rsplit(".", 1)[0] == name}
+    for idx, (name, p) in enumerate(zip(_param_names(model, optimizer), params)):
+        entry = by_param.get(name)
         if not entry:
             raise CheckpointError(f"{file} has no optimizer state for {name}")
         for key, value in entry.items():

@@ -251,7 +251,7 @@ def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                     "device-hours": f"{compute['device_hours']:.4f}",
                     "cost": f"${compute['cost']:.4f} at ${cfg.price_per_hour}/device-hour"},
     }
-    result["report"] = write_report(run_dir, f"nanoseek run {run_dir.name}", result["sections"])
+    result["report"] = write_report(run_dir, result["sections"])
     result["tokenizer"] = tok
     result["config"] = cfg
     return result
