@@ -1,93 +1,268 @@
-"""Batched generation on the MLA latent cache.
+"""Generation on the MLA latent cache: continuous batching, per-request sampling, MTP speculative decoding.
 
-Prompts of different lengths are right-padded and prefilled together (each row has its own positions;
-a row's padding slots are overwritten by its own generated tokens before any query can see them), then
-every step feeds one token per row through the absorbed attention path.
+The engine owns one LatentCache of `max_batch` rows x `max_len` positions (c + r numbers per token per layer,
+nothing else). Running requests hold rows 0..n-1, packed: when one finishes, the last row's cache moves
+into its slot, so every forward works on the view cache[:n] without gathers. Each `step()`:
 
-Sampling: temperature 0 is greedy; otherwise logits / T, then top-k, then top-p (nucleus), drawn from a
-torch.Generator seeded per call so the same seed gives the same text.
+1. admit: waiting requests join while rows are free (up to `prefill_tokens` prompt tokens per step), prefilled
+   together, right-padded, on the compute-bound path (causal SDPA over expanded K/V, as in training); only the
+   last prompt position's logits are computed, and the first token is sampled from them.
+2. decode: every running row feeds its newest token at its own position through the weight-absorbed
+   attention path (memory-bound: MQA over the latent cache) and samples the next one.
+3. finished requests (stop id, stop string, max_tokens, cancelled) leave; their rows are reused.
+
+MTP speculative decoding (paper section 2.2: the MTP module "can be repurposed for speculative decoding"):
+the MTP module drafts d for position p + 1 from the main model's hidden state at p - 1 and the token at p.
+A decode step then feeds [x_p, d] at [p, p + 1] (one forward, two tokens per row); d is accepted by the rule
+in sampling.accept (greedy: d equals the argmax), and when it is, the main model's prediction at p + 1 comes
+free: two tokens for one forward. The MTP module then runs on the same two positions (its own cache layer)
+to draft the next token. A rejected draft's cache slots are overwritten before anything reads them.
+Only depth 1 drafts (V3 trains one MTP module); `stats` counts drafts and acceptances.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from collections import deque
+from dataclasses import dataclass, field, replace
 
 import torch
 
+from nanoseek.infer.sampling import SamplingParams, accept, distributions, draw, sample
+from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
 
 
+@dataclass(eq=False)
+class Request:
+    prompt: list[int]
+    params: SamplingParams
+    id: int = 0
+    tokens: list[int] = field(default_factory=list)  # generated ids; a stop id that ended it is included
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    cancelled: bool = False  # may be set from any thread; the engine drops the request at its next step
+    stream: TextStream | None = None  # the text so far, with the engine's tokenizer
+    stop_ids: frozenset[int] = frozenset()
+    pos: int = 0  # position of `last`, the newest token, not yet fed to the model
+    last: int = 0
+    draft: int = 0  # speculative: MTP's draft for position pos + 1, drawn from draft_q
+    draft_q: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.stream.text if self.stream else ""
+
+
 @dataclass
-class SamplingParams:
-    max_tokens: int = 64
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
+class Update:
+    """What one step did for one request: new token ids, the text they completed, whether it finished."""
+    request: Request
+    tokens: list[int]
+    text: str
 
-    def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError(f"max_tokens={self.max_tokens} must be >= 1")
-        if self.temperature < 0:
-            raise ValueError(f"temperature={self.temperature} must be >= 0")
-        if self.top_k < 0:
-            raise ValueError(f"top_k={self.top_k} must be >= 0 (0 = off)")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
+    @property
+    def done(self) -> bool:
+        return self.request.done
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, generator: torch.Generator | None) -> torch.Tensor:
-    """logits (b, V) -> token ids (b,)."""
-    if p.temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / p.temperature
-    if p.top_k:
-        kth = logits.topk(min(p.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        probs = sorted_logits.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
-        logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+class Engine:
+    def __init__(self, model: Transformer, tokenizer=None, max_batch: int = 16, max_len: int | None = None,
+                 speculative: bool = False, prefill_tokens: int = 4096):
+        cfg = model.config
+        if max_batch < 1:
+            raise ValueError(f"max_batch={max_batch} must be >= 1")
+        if speculative and not model.mtp:
+            raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.max_batch, self.speculative, self.prefill_tokens = max_batch, speculative, prefill_tokens
+        self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        self.device = model.embed_tokens.weight.device
+        self.cache = model.new_cache(max_batch, self.max_len)
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []  # running[i] holds cache row i
+        self.eos = frozenset({tokenizer.eos_id}) if tokenizer is not None else frozenset()
+        self.stats = dict(steps=0, prefill_tokens=0, tokens=0, drafted=0, accepted=0)
+        self._ids = itertools.count()
+
+    # ------------------------------------------------------------------ requests
+    def add(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> Request:
+        """Queue a request (thread-safe); it joins the batch at the next step."""
+        V = self.model.config.vocab_size
+        if not prompt:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        bad = next((i for i, t in enumerate(prompt) if not 0 <= t < V), None)
+        if bad is not None:
+            raise ValueError(f"prompt token {prompt[bad]} at index {bad} is outside the vocabulary [0, {V})")
+        if len(prompt) + params.max_tokens > self.max_len:
+            raise ValueError(f"prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                             f"context of {self.max_len} tokens")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need an engine with a tokenizer")
+        req = Request(list(prompt), params, id=next(self._ids), stop_ids=self.eos | set(params.stop_token_ids),
+                      generator=params.generator(self.device))
+        if self.tokenizer is not None:
+            req.stream = TextStream(self.tokenizer, params.stop, skip_ids=req.stop_ids)
+        self.waiting.append(req)
+        return req
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.stats["accepted"] / max(self.stats["drafted"], 1)
+
+    def run(self) -> None:
+        """Step until every queued request has finished."""
+        while self.has_work():
+            self.step()
+
+    @torch.no_grad()
+    def step(self) -> list[Update]:
+        updates = self._drop_cancelled()
+        if self.running:
+            updates += self._decode_speculative() if self.speculative else self._decode()
+            self._retire()
+        updates += self._admit()  # new rows get their first token from the prefill
+        self._retire()
+        self.stats["steps"] += 1
+        return updates
+
+    # ------------------------------------------------------------------ the three phases
+    def _admit(self) -> list[Update]:
+        new: list[Request] = []
+        budget = self.prefill_tokens
+        while self.waiting and len(self.running) + len(new) < self.max_batch:
+            req = self.waiting[0]
+            if req.cancelled:
+                self.waiting.popleft()
+                continue
+            if new and len(req.prompt) > budget:
+                break
+            budget -= len(req.prompt)
+            new.append(self.waiting.popleft())
+        if not new:
+            return []
+        n0, k, S = len(self.running), len(new), max(len(r.prompt) for r in new)
+        ids = torch.zeros(k, S, dtype=torch.long, device=self.device)
+        for i, r in enumerate(new):
+            ids[i, : len(r.prompt)] = torch.tensor(r.prompt, device=self.device)
+        lens = torch.tensor([len(r.prompt) for r in new], device=self.device)
+        positions = torch.arange(S, device=self.device).expand(k, S)
+        cache = self.cache.view(slice(n0, n0 + k))
+        out = self.model(ids, positions, cache, mtp=False, logits_at=(lens - 1)[:, None])
+        params, gens = [r.params for r in new], [r.generator for r in new]
+        first = sample(out.logits[:, 0], params, gens)
+        if self.speculative:  # MTP over the prompt: position i sees token i + 1 (the first new one at the end)
+            nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
+            nxt[torch.arange(k), lens - 1] = first
+            q = distributions(self.model.draft(out.hidden, nxt, positions, cache, (lens - 1)[:, None])[:, 0], params)
+            drafts = draw(q, params, gens)
+        self.running.extend(new)
+        self.stats["prefill_tokens"] += int(lens.sum())
+        updates = []
+        for i, r in enumerate(new):
+            r.pos, r.last = len(r.prompt), int(first[i])
+            if self.speculative:
+                r.draft, r.draft_q = int(drafts[i]), q[i]
+            updates.append(self._emit(r, [r.last]))
+        return updates
+
+    def _decode(self) -> list[Update]:
+        rows = self.running
+        ids = torch.tensor([[r.last] for r in rows], device=self.device)
+        pos = torch.tensor([[r.pos] for r in rows], device=self.device)
+        logits = self.model(ids, pos, self.cache.view(slice(0, len(rows))), mtp=False).logits[:, 0]
+        toks = sample(logits, [r.params for r in rows], [r.generator for r in rows]).tolist()
+        updates = []
+        for r, t in zip(rows, toks):
+            r.pos, r.last = r.pos + 1, t
+            updates.append(self._emit(r, [t]))
+        return updates
+
+    def _decode_speculative(self) -> list[Update]:
+        rows, n = self.running, len(self.running)
+        params, gens = [r.params for r in rows], [r.generator for r in rows]
+        ids = torch.tensor([[r.last, r.draft] for r in rows], device=self.device)
+        pos = torch.tensor([[r.pos, r.pos + 1] for r in rows], device=self.device)
+        cache = self.cache.view(slice(0, n))
+        out = self.model(ids, pos, cache, mtp=False)  # verify: logits at p predict p + 1, at p + 1 predict p + 2
+        p1 = distributions(out.logits[:, 0], params)
+        drafts = torch.tensor([r.draft for r in rows], device=self.device)
+        ok, t1 = accept(p1, torch.stack([r.draft_q for r in rows]), drafts, params, gens)
+        t2 = sample(out.logits[:, 1], params, gens)
+        nxt = torch.stack([t1, torch.where(ok, t2, t1)], dim=1)  # tokens at p + 1, p + 2 (the latter if accepted)
+        q = distributions(self.model.draft(out.hidden, nxt, pos, cache, ok.long()[:, None])[:, 0], params)
+        new_drafts = draw(q, params, gens)
+        self.stats["drafted"] += n
+        self.stats["accepted"] += int(ok.sum())
+        updates = []
+        for i, r in enumerate(rows):
+            toks = [int(t1[i]), int(t2[i])] if ok[i] else [int(t1[i])]
+            r.pos, r.last = r.pos + len(toks), toks[-1]
+            r.draft, r.draft_q = int(new_drafts[i]), q[i]
+            updates.append(self._emit(r, toks))
+        return updates
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _emit(self, r: Request, toks: list[int]) -> Update:
+        """Append tokens up to a stop id or max_tokens; update the text and stop strings."""
+        kept = []
+        for t in toks:
+            kept.append(t)
+            r.tokens.append(t)
+            if t in r.stop_ids:
+                r.finish_reason = "stop"
+                break
+            if len(r.tokens) >= r.params.max_tokens:
+                r.finish_reason = "length"
+                break
+        self.stats["tokens"] += len(kept)
+        text = ""
+        if r.stream is not None:
+            text = r.stream.push(kept)
+            if r.stream.stopped:
+                r.finish_reason = "stop"
+            elif r.done:
+                text += r.stream.finish()
+        return Update(r, kept, text)
+
+    def _drop_cancelled(self) -> list[Update]:
+        updates = []
+        for r in [*self.waiting, *self.running]:
+            if r.cancelled and not r.done:
+                r.finish_reason = "cancelled"
+                updates.append(Update(r, [], ""))
+        self.waiting = deque(r for r in self.waiting if not r.done)
+        self._retire()
+        return updates
+
+    def _retire(self) -> None:
+        """Remove finished rows, moving the last row's cache into each freed slot."""
+        for i in reversed(range(len(self.running))):
+            if self.running[i].done:
+                last = self.running.pop()
+                if i < len(self.running):
+                    self.cache.move(len(self.running), i, last.pos)
+                    self.running[i] = last
 
 
-@torch.no_grad()
-def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams,
-             stop_ids: tuple[int, ...] = ()) -> list[list[int]]:
-    """Complete each prompt; a row stops at a stop id (included in its output) or after max_tokens."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    device = model.embed_tokens.weight.device
-    b, lens = len(prompts), [len(p) for p in prompts]
-    total = max(lens) + params.max_tokens
-    if total > model.config.max_position_embeddings:
-        raise ValueError(f"prompt ({max(lens)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
-                         f"of {model.config.max_position_embeddings} tokens")
-    generator = None
-    if params.temperature > 0:
-        generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-    cache = model.new_cache(b, total)
-    ids = torch.zeros(b, max(lens), dtype=torch.long, device=device)
-    for r, p in enumerate(prompts):
-        ids[r, : len(p)] = torch.tensor(p, device=device)
-    positions = torch.arange(max(lens), device=device).expand(b, -1)
-    logits = model(ids, positions, cache, mtp=False).logits
-    pos = torch.tensor(lens, device=device)
-    logits = logits[torch.arange(b, device=device), pos - 1]
-    out: list[list[int]] = [[] for _ in range(b)]
-    active = [True] * b
-    stops = set(stop_ids)
-    for step in range(params.max_tokens):
-        nxt = sample(logits, params, generator)
-        for r, t in enumerate(nxt.tolist()):
-            if active[r]:
-                out[r].append(t)
-                active[r] = t not in stops
-        if not any(active) or step == params.max_tokens - 1:
-            break
-        logits = model(nxt[:, None], pos[:, None], cache, mtp=False).logits[:, 0]
-        pos = pos + 1
-    return out
+def generate(model: Transformer, prompts: list[list[int]], params: SamplingParams = SamplingParams(),
+             stop_ids: tuple[int, ...] = (), speculative: bool = False, max_batch: int | None = None
+             ) -> list[list[int]]:
+    """Complete each prompt (token ids in, token ids out); a row stops at a stop id (included in its
+    output) or after max_tokens. The engine's batch holds all prompts at once unless max_batch is given."""
+    if not prompts:
+        return []
+    engine = Engine(model, max_batch=max_batch or len(prompts), speculative=speculative,
+                    max_len=max(len(p) for p in prompts) + params.max_tokens)
+    params = replace(params, stop_token_ids=tuple(params.stop_token_ids) + tuple(stop_ids))
+    requests = [engine.add(p, params) for p in prompts]
+    engine.run()
+    return [r.tokens for r in requests]

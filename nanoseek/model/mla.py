@@ -30,21 +30,36 @@ class LatentCache:
     Call `begin(positions)` once per forward with the positions (b, s) of the new tokens; each layer then
     writes its new latents at those positions and reads rows 0..max(positions). Rows may have different
     lengths: a query at position p attends to cache slots 0..p of its own row, so slots past a row's end
-    (padding) are never read before they are overwritten.
+    (padding, rejected draft tokens) are never read before they are overwritten. `view(rows)` is the cache
+    of a slice of the rows (sharing storage), so a batch can run on the rows in use without copies.
     """
 
-    def __init__(self, n_layers: int, batch: int, max_len: int, dim: int, dtype=torch.float32, device=None):
+    def __init__(self, n_layers: int, batch: int, max_len: int, dim: int, dtype=torch.float32, device=None,
+                 layers: list[torch.Tensor] | None = None):
         self.max_len = max_len
-        self.layers = [torch.zeros(batch, max_len, dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.layers = layers if layers is not None else [
+            torch.zeros(batch, max_len, dim, dtype=dtype, device=device) for _ in range(n_layers)]
         self.positions: torch.Tensor | None = None
 
+    def view(self, rows: slice) -> LatentCache:
+        """The cache of rows[start:stop], writing into this cache's buffers."""
+        return LatentCache(0, 0, self.max_len, 0, layers=[buf[rows] for buf in self.layers])
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy row src's first `length` slots to row dst (every layer)."""
+        for buf in self.layers:
+            buf[dst, :length] = buf[src, :length]
+
     def begin(self, positions: torch.Tensor) -> None:
-        """positions (b, s) long. Sets the key length t and the mask (b, s, t): key slot <= query position."""
+        """positions (b, s) long. Sets the key length t and the mask (b, s, t): key slot <= query position.
+        `fresh`: every row holds positions 0..s-1, so attention is plain causal over the new tokens."""
         top = int(positions.max()) + 1
         if int(positions.min()) < 0 or top > self.max_len:
             raise ValueError(f"positions must lie in [0, {self.max_len}) (the cache length); got "
                              f"[{int(positions.min())}, {top - 1}]")
+        s = positions.shape[1]
         self.positions, self.length = positions, top
+        self.fresh = s == top and s > 1 and bool((positions == torch.arange(s, device=positions.device)).all())
         self.mask = torch.arange(top, device=positions.device) <= positions[:, :, None]
         self._rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
 
@@ -101,7 +116,9 @@ class MLA(nn.Module):
         else:
             latent = cache.update(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # (b, t, c + r)
             c_all, pe_all = latent.split([r, self.d_rope], dim=-1)
-            if s <= self.absorb_max_query:
+            if cache.fresh:  # prefill from position 0: causal SDPA over the new tokens (fused kernel)
+                o = self._naive(q_nope, q_pe, c_kv, k_pe, mask=None)
+            elif s <= self.absorb_max_query:
                 o = self._absorbed(q_nope, q_pe, latent, cache.mask)
             else:
                 o = self._naive(q_nope, q_pe, c_all, pe_all, mask=cache.mask)

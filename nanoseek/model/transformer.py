@@ -91,12 +91,13 @@ class Transformer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
-                cache: LatentCache | None = None, mtp: bool = True, labels: torch.Tensor | None = None
-                ) -> ModelOutput:
+                cache: LatentCache | None = None, mtp: bool = True, labels: torch.Tensor | None = None,
+                logits_at: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (b, s). positions (b, s): defaults to 0..s-1 (and must be given with a cache).
         Without a cache: causal attention over the s tokens, MTP outputs (if `mtp`) and balance losses.
         labels (b, s) (labels[:, i] = t_{i+1}, -100 = ignore): return losses instead of logits, computed by
-        `linear_cross_entropy` without materializing the logits."""
+        `linear_cross_entropy` without materializing the logits. logits_at (b, k): only the logits at these
+        indices along s, (b, k, V) (prefill needs the last prompt position only)."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
@@ -125,7 +126,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         out = ModelOutput(logits=None, hidden=h, router=router)
         if labels is None:
-            out.logits = self.lm_head(h)
+            out.logits = self.lm_head(h if logits_at is None else _take(h, logits_at))
         else:
             out.loss = linear_cross_entropy(h, self.lm_head.weight, labels)
         if train and mtp:
@@ -142,6 +143,19 @@ class Transformer(nn.Module):
                 if stats is not None:
                     router.append(stats)
         return out
+
+    @torch.no_grad()
+    def draft(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor, cache: LatentCache,
+              logits_at: torch.Tensor | None = None) -> torch.Tensor:
+        """MTP depth 1 on the latent cache, for speculative decoding: hidden (b, s, H) is the main model's
+        output at `positions`, next_ids (b, s) the tokens at positions + 1; returns logits (b, s, V) (or
+        (b, k, V) at logits_at (b, k)) for the tokens at positions + 2 (the draft)."""
+        if not self.mtp:
+            raise ValueError("this model has no MTP module (num_nextn_predict_layers=0) to draft with")
+        cache.begin(positions)
+        cos, sin = self._cos_sin(positions)
+        h, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache, balance_loss=False)
+        return self.lm_head(h if logits_at is None else _take(h, logits_at))
 
     # ------------------------------------------------------------------ Hugging Face names (spec section 10)
     def hf_state_dict(self, mtp_copies: bool = True) -> dict[str, torch.Tensor]:
@@ -233,3 +247,8 @@ class Transformer(nn.Module):
             else:
                 mapped[name] = t
         return mapped, experts, unexpected
+
+
+def _take(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """h (b, s, H), index (b, k) along s -> (b, k, H)."""
+    return h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1]))

@@ -146,6 +146,7 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
     (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    ShardSet.open(shard_dir).tokenizer().save(run)  # the run directory is all that inference needs
     log = MetricsLog(run / "metrics.jsonl", keep_until=start if ckpt is not None else None)
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, mtp=True).total
     peak = gemm_peak(str(device))

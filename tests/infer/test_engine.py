@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from nanoseek.infer.engine import SamplingParams, generate, sample
+from nanoseek.infer.engine import Engine, generate
+from nanoseek.infer.sampling import SamplingParams, accept, distributions, sample
 from tests.conftest import tiny_model
 
 
@@ -13,12 +14,137 @@ def greedy_by_recompute(model, prompt, n):
     return seq[len(prompt):]
 
 
+PROMPTS = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300], list(range(40, 70))]
+
+
 def test_batched_greedy_equals_full_recomputation():
     model = tiny_model()
-    prompts = [[5, 6, 7, 8, 9, 10, 11], [3], [100, 200, 300]]
-    out = generate(model, prompts, SamplingParams(max_tokens=12))
-    for p, o in zip(prompts, out):
+    out = generate(model, PROMPTS, SamplingParams(max_tokens=12))
+    for p, o in zip(PROMPTS, out):
         assert o == greedy_by_recompute(model, p, 12)
+
+
+def test_cached_decode_logits_equal_full_forward():
+    model = tiny_model()
+    seq = torch.tensor([PROMPTS[3] + PROMPTS[0]])
+    full = model(seq).logits[0]
+    cache = model.new_cache(1, seq.shape[1])
+    pre = model(seq[:, :30], torch.arange(30)[None], cache, mtp=False)  # fresh prefill: causal SDPA path
+    torch.testing.assert_close(pre.logits[0], full[:30], atol=1e-5, rtol=0)
+    for i in range(30, seq.shape[1]):  # absorbed path, one token at a time
+        step = model(seq[:, i:i + 1], torch.tensor([[i]]), cache, mtp=False).logits[0, 0]
+        torch.testing.assert_close(step, full[i], atol=1e-5, rtol=0)
+
+
+def test_logits_at_selects_positions():
+    model = tiny_model()
+    ids = torch.tensor([PROMPTS[3][:10], PROMPTS[3][10:20]])
+    full = model(ids).logits
+    at = torch.tensor([[9], [4]])
+    torch.testing.assert_close(model(ids, logits_at=at).logits[:, 0], full[[0, 1], [9, 4]])
+
+
+def test_continuous_batching_matches_one_by_one():
+    """Requests join while others decode, more requests than rows, rows are reused and compacted."""
+    model = tiny_model()
+    lengths = [9, 3, 14, 5, 11]
+    alone = [generate(model, [p], SamplingParams(max_tokens=n))[0] for p, n in zip(PROMPTS + [[7, 7]], lengths)]
+    engine = Engine(model, max_batch=2)
+    reqs = [engine.add(PROMPTS[0], SamplingParams(max_tokens=lengths[0]))]
+    engine.step()
+    engine.step()
+    reqs += [engine.add(p, SamplingParams(max_tokens=n)) for p, n in zip(PROMPTS[1:] + [[7, 7]], lengths[1:])]
+    seen_batch = 0
+    while engine.has_work():
+        engine.step()
+        seen_batch = max(seen_batch, len(engine.running))
+    assert seen_batch == 2
+    assert [r.tokens for r in reqs] == alone
+    assert all(r.finish_reason == "length" for r in reqs)
+
+
+def test_speculative_greedy_equals_plain_greedy():
+    model = tiny_model()
+    plain = generate(model, PROMPTS, SamplingParams(max_tokens=16))
+    engine = Engine(model, max_batch=3, speculative=True)
+    reqs = [engine.add(p, SamplingParams(max_tokens=16)) for p in PROMPTS]
+    engine.run()
+    assert [r.tokens for r in reqs] == plain
+    assert engine.stats["drafted"] > 0 and engine.stats["tokens"] == 4 * 16
+
+
+def test_speculative_with_a_perfect_draft_accepts_everything():
+    """Make MTP's draft equal the main model's next-next token: copy the main model's last block into the
+    MTP block and zero the token embedding path, so acceptance must be 1 and output still equals plain."""
+    model = tiny_model(num_hidden_layers=2, first_k_dense_replace=1)
+    seq = torch.tensor([PROMPTS[3]])
+    plain = generate(model, [PROMPTS[3]], SamplingParams(max_tokens=10))[0]
+    # A draft that is always right: patch draft() to recompute the true continuation
+    true_next = {}
+    full = PROMPTS[3] + plain
+    for i in range(len(PROMPTS[3]) - 1, len(full) - 1):
+        true_next[i] = full[i + 1]
+
+    def oracle(hidden, next_ids, positions, cache, logits_at=None):
+        pos = positions.gather(1, logits_at)[:, 0] + 1  # the draft predicts position pos + 1
+        logits = torch.full((len(pos), 1, model.config.vocab_size), -1e9)
+        for r, p in enumerate(pos.tolist()):
+            logits[r, 0, true_next.get(p, 0)] = 0
+        return logits
+
+    model.draft = oracle
+    engine = Engine(model, max_batch=1, speculative=True)
+    req = engine.add(PROMPTS[3], SamplingParams(max_tokens=10))
+    engine.run()
+    assert req.tokens == plain
+    assert engine.acceptance_rate == 1.0
+    assert engine.stats["steps"] <= 6  # one prefill step, then two tokens per step
+    del seq
+
+
+def test_speculative_sampling_keeps_the_target_distribution():
+    torch.manual_seed(0)
+    p = torch.tensor([0.5, 0.2, 0.2, 0.1, 0.0])
+    q = torch.tensor([0.1, 0.1, 0.3, 0.3, 0.2])
+    n = 40000
+    g = torch.Generator().manual_seed(1)
+    params = [SamplingParams(temperature=1.0)] * n
+    draft = torch.multinomial(q, n, replacement=True, generator=g)
+    ok, tok = accept(p.expand(n, -1), q.expand(n, -1), draft, params, [g] * n)
+    freq = torch.bincount(tok, minlength=5).float() / n
+    torch.testing.assert_close(freq, p, atol=0.01, rtol=0)
+    expected_acceptance = torch.minimum(p, q).sum()  # P(accept) = sum_x min(p(x), q(x))
+    assert abs(ok.float().mean() - expected_acceptance) < 0.01
+
+
+def test_distributions_per_row():
+    logits = torch.tensor([[4.0, 3.0, 2.0, -5.0, -6.0]]).repeat(4, 1)
+    params = [SamplingParams(), SamplingParams(temperature=1.0, top_k=2),
+              SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=2.0)]
+    probs = distributions(logits, params)
+    assert probs[0].tolist() == [1, 0, 0, 0, 0]
+    torch.testing.assert_close(probs[1, :2], logits[0, :2].softmax(-1))
+    assert (probs[1, 2:] == 0).all()
+    full = logits[0].softmax(-1)  # 0.705, 0.259, ...: top-p 0.8 keeps the first two
+    torch.testing.assert_close(probs[2], torch.cat([full[:2] / full[:2].sum(), torch.zeros(3)]))
+    torch.testing.assert_close(probs[3], (logits[0] / 2).softmax(-1))
+
+
+def test_sampling_is_seeded_per_request():
+    model = tiny_model()
+    p = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7)
+    a = generate(model, [[1, 2], [3, 4, 5]], p)
+    assert a == generate(model, [[1, 2], [3, 4, 5]], p)
+    assert a != generate(model, [[1, 2], [3, 4, 5]], SamplingParams(max_tokens=10, temperature=1.0, seed=8))
+    # a request's text does not depend on what shares its batch
+    assert generate(model, [[3, 4, 5]], p)[0] == a[1]
+
+
+def test_sample_restricts_the_support():
+    logits = torch.tensor([[4.0, 3.0, 2.0, -5.0, -6.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    k2 = sample(logits, [SamplingParams(temperature=1.0, top_k=2)] * 2000, [g] * 2000)
+    assert set(k2.tolist()) == {0, 1}
 
 
 def test_stop_ids_end_a_row():
@@ -29,35 +155,40 @@ def test_stop_ids_end_a_row():
     assert cut == full[: full.index(stop) + 1]
 
 
-def test_sampling_is_seeded():
+def test_cancel_frees_the_row():
     model = tiny_model()
-    p = SamplingParams(max_tokens=10, temperature=1.0, top_k=20, top_p=0.9, seed=7)
-    a = generate(model, [[1, 2], [3, 4, 5]], p)
-    assert a == generate(model, [[1, 2], [3, 4, 5]], p)
-    assert a != generate(model, [[1, 2], [3, 4, 5]], SamplingParams(max_tokens=10, temperature=1.0, seed=8))
-
-
-def test_top_k_and_top_p_restrict_the_support():
-    logits = torch.tensor([[4.0, 3.0, 2.0, -5.0, -6.0]]).repeat(2000, 1)
-    g = torch.Generator().manual_seed(0)
-    k2 = sample(logits, SamplingParams(temperature=1.0, top_k=2), g)
-    assert set(k2.tolist()) == {0, 1}
-    p = torch.tensor([4.0, 3.0, 2.0, -5.0, -6.0]).softmax(-1)
-    nucleus = sample(logits, SamplingParams(temperature=1.0, top_p=float(p[0] + 0.01)), g)
-    assert set(nucleus.tolist()) == {0, 1}
+    engine = Engine(model, max_batch=1)
+    a = engine.add([1, 2, 3], SamplingParams(max_tokens=50))
+    b = engine.add([4, 5], SamplingParams(max_tokens=3))
+    engine.step()
+    assert engine.running == [a]
+    a.cancelled = True
+    engine.run()
+    assert a.finish_reason == "cancelled" and len(a.tokens) < 50
+    assert b.tokens == generate(model, [[4, 5]], SamplingParams(max_tokens=3))[0]
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(max_tokens=0), "max_tokens=0 must be >= 1"),
     (dict(temperature=-1), "temperature=-1 must be >= 0"),
     (dict(top_p=0), "top_p=0 must be in \\(0, 1\\]"),
+    (dict(top_k=-2), "top_k=-2 must be >= 0"),
 ])
 def test_bad_sampling_params(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
 
 
-def test_context_overflow_is_reported():
+def test_bad_requests_are_reported():
     model = tiny_model()
+    engine = Engine(model, max_batch=2)
     with pytest.raises(ValueError, match="exceeds the context of 512 tokens"):
-        generate(model, [[1] * 500], SamplingParams(max_tokens=20))
+        engine.add([1] * 500, SamplingParams(max_tokens=20))
+    with pytest.raises(ValueError, match="prompt token 9999 at index 1 is outside the vocabulary"):
+        engine.add([1, 9999])
+    with pytest.raises(ValueError, match="empty"):
+        engine.add([])
+    with pytest.raises(ValueError, match="stop strings need an engine with a tokenizer"):
+        engine.add([1], SamplingParams(stop=("x",)))
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(tiny_model(num_nextn_predict_layers=0), speculative=True)

@@ -1,0 +1,109 @@
+"""Sampling: per-request parameters, next-token distributions for a batch of rows, and the speculative
+acceptance rule.
+
+Each row of a batch has its own SamplingParams. Temperature 0 is greedy and its distribution is the one-hot
+of the argmax; otherwise logits / T, then top-k, then top-p (the smallest prefix of the sorted tokens whose
+mass reaches p), renormalized. Draws use the request's own torch.Generator, so a seeded request gives the
+same text whatever else shares its batch.
+
+Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): a draft token d ~ q is accepted with
+probability min(1, p(d) / q(d)); on rejection the token is drawn from norm(max(p - q, 0)). The emitted token
+is then distributed exactly as p. With one-hot p and q (greedy) this is "accept iff d = argmax p, else take
+argmax p", so greedy speculative decoding gives the same tokens as plain greedy decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None  # None: a fresh random seed per request
+    stop: tuple[str, ...] = ()  # stop strings (need the engine's tokenizer); not part of the returned text
+    stop_token_ids: tuple[int, ...] = ()  # extra stop ids besides the tokenizer's end-of-text
+
+    def __post_init__(self):
+        checks = [("max_tokens", self.max_tokens >= 1, ">= 1"), ("temperature", self.temperature >= 0, ">= 0"),
+                  ("top_k", self.top_k >= 0, ">= 0 (0 = off)"), ("top_p", 0 < self.top_p <= 1, "in (0, 1]")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{name}={getattr(self, name)} must be {rule}")
+        if any(not s for s in self.stop):
+            raise ValueError("stop strings must be non-empty")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+    def generator(self, device) -> torch.Generator | None:
+        if self.greedy:
+            return None
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed if self.seed is not None else int(torch.randint(2**62, (1,))))
+        return g
+
+
+def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """logits (b, V) -> probabilities (b, V) after each row's temperature, top-k and top-p; one-hot for greedy."""
+    logits = logits.float()
+    probs = torch.zeros_like(logits)
+    greedy = [i for i, p in enumerate(params) if p.greedy]
+    if greedy:
+        idx = torch.tensor(greedy, device=logits.device)
+        probs[idx] = probs[idx].scatter(1, logits[idx].argmax(-1, keepdim=True), 1.0)
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        idx = torch.tensor(rows, device=logits.device)
+        temp = torch.tensor([params[i].temperature for i in rows], device=logits.device)[:, None]
+        sorted_logits, order = (logits[idx] / temp).sort(dim=-1, descending=True)
+        rank = torch.arange(logits.shape[-1], device=logits.device)
+        top_k = torch.tensor([params[i].top_k or logits.shape[-1] for i in rows], device=logits.device)[:, None]
+        sorted_logits = sorted_logits.masked_fill(rank >= top_k, float("-inf"))
+        sorted_probs = sorted_logits.softmax(dim=-1)
+        top_p = torch.tensor([params[i].top_p if params[i].top_p < 1 else 2.0 for i in rows],
+                             device=logits.device)[:, None]
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # mass before this token already reaches p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        sorted_probs = sorted_probs / sorted_probs.sum(dim=-1, keepdim=True)
+        probs[idx] = torch.zeros_like(sorted_probs).scatter(1, order, sorted_probs)
+    return probs
+
+
+def draw(probs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+         ) -> torch.Tensor:
+    """One token per row (b,): the argmax for greedy rows, a draw from the row's generator otherwise."""
+    out = probs.argmax(dim=-1)
+    for i, (p, g) in enumerate(zip(params, generators)):
+        if not p.greedy:
+            out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+    return out
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+           ) -> torch.Tensor:
+    """logits (b, V) -> token ids (b,)."""
+    return draw(distributions(logits, params), params, generators)
+
+
+def accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speculative acceptance per row. p, q (b, V): target and draft distributions; draft (b,) drawn from q.
+    Returns (accepted (b,) bool, token (b,)): the draft where accepted, else a draw from norm(max(p - q, 0))."""
+    rows = torch.arange(p.shape[0], device=p.device)
+    ratio = p[rows, draft] / q[rows, draft].clamp_min(1e-20)
+    u = torch.stack([torch.zeros((), device=p.device) if prm.greedy else torch.rand((), generator=g, device=p.device)
+                     for prm, g in zip(params, generators)])
+    accepted = u < ratio  # greedy rows: ratio is 1 (draft = argmax p) or 0
+    token = draft.clone()
+    for i in (~accepted).nonzero()[:, 0].tolist():
+        residual = (p[i] - q[i]).clamp_min(0)
+        residual = residual / residual.sum() if residual.sum() > 0 else p[i]  # p == q: a draw from p is exact
+        token[i] = draw(residual[None], params[i:i + 1], generators[i:i + 1])[0]
+    return accepted, token

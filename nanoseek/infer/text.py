@@ -1,0 +1,67 @@
+"""From generated token ids to text: incremental detokenization with stop strings, and the split of a
+completion into reasoning (between <think> and </think>) and answer, as DeepSeek's API returns them
+(`reasoning_content` apart from `content`).
+"""
+
+from __future__ import annotations
+
+from nanoseek.data.tokenizer import END_THINK, THINK
+
+
+class TextStream:
+    """Decode a growing list of ids into text deltas.
+
+    push(ids) returns only text that can no longer change: a trailing incomplete UTF-8 character (decoded
+    as U+FFFD) and any tail that could be the start of a stop string are held back. When a stop string
+    appears, the text is cut before it and `stopped` is set. Ids in `skip_ids` (end-of-text) are not shown.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_ids: frozenset[int] = frozenset()):
+        self.tokenizer, self.stop, self.skip_ids = tokenizer, stop, skip_ids
+        self.ids: list[int] = []
+        self.text = ""  # emitted so far
+        self.stopped = False
+
+    def push(self, ids: list[int], final: bool = False) -> str:
+        self.ids.extend(i for i in ids if i not in self.skip_ids)
+        full = self.tokenizer.decode(self.ids)
+        cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            full, final, self.stopped = full[:cut], True, True
+        if not final:
+            if full.endswith("\ufffd"):
+                full = full[:-1]
+            hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+            full = full[: len(full) - hold]
+        delta = full[len(self.text):] if full.startswith(self.text) else ""
+        self.text += delta
+        return delta
+
+    def finish(self) -> str:
+        """The held-back tail, once generation has ended."""
+        return "" if self.stopped else self.push([], final=True)
+
+
+def split_reasoning(text: str) -> tuple[str, str]:
+    """(reasoning, content): a completion that opens with <think> has its reasoning up to </think> (or to
+    the end, while still thinking); the rest is the answer."""
+    stripped = text.lstrip()
+    if not stripped.startswith(THINK):
+        return "", text
+    body = stripped[len(THINK):]
+    reasoning, sep, content = body.partition(END_THINK)
+    return reasoning, content.lstrip() if sep else ""
+
+
+class ReasoningSplitter:
+    """Streaming split_reasoning: push(delta) -> (reasoning delta, content delta)."""
+
+    def __init__(self):
+        self.text, self.reasoning, self.content = "", "", ""
+
+    def push(self, delta: str) -> tuple[str, str]:
+        self.text += delta
+        reasoning, content = split_reasoning(self.text)
+        r, c = reasoning[len(self.reasoning):], content[len(self.content):]
+        self.reasoning, self.content = reasoning, content
+        return r, c
