@@ -115,6 +115,107 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _load_for_inference(args, speculative: bool):
+    """The model directory (run, checkpoint or HF format), its tokenizer and an Engine over them."""
+    import torch
+
+    from nanoseek.hf import load_pretrained
+    from nanoseek.infer.engine import Engine
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pre = load_pretrained(args.checkpoint, device=device, dtype=getattr(torch, args.dtype))
+    if pre.tokenizer is None:
+        raise ValueError(f"{args.checkpoint} has no tokenizer.json: text generation needs one")
+    engine = Engine(pre.model, pre.tokenizer, max_batch=args.max_batch, speculative=speculative)
+    return pre, engine
+
+
+def _sampling(args):
+    from nanoseek.infer.sampling import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+
+
+def cmd_generate(args) -> int:
+    """Complete prompts (--prompt, repeatable, or --prompts FILE: one per line or JSONL with "prompt")."""
+    import json
+
+    from nanoseek.data.shards import iter_jsonl
+    from nanoseek.infer.chat import complete
+
+    prompts = list(args.prompt)
+    if args.prompts:
+        path = Path(args.prompts)
+        if not path.is_file():
+            raise ValueError(f"--prompts {path}: no such file")
+        if path.suffix == ".jsonl":
+            for lineno, row in iter_jsonl(path):
+                if not isinstance(row.get("prompt"), str):
+                    raise ValueError(f"{path}:{lineno}: needs a string \"prompt\" field")
+                prompts.append(row["prompt"])
+        else:
+            prompts += [line for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError("give at least one --prompt or a --prompts file")
+    pre, engine = _load_for_inference(args, args.speculative)
+    t0 = time.perf_counter()
+    results = complete(engine, prompts, _sampling(args), chat=not args.raw)
+    seconds = time.perf_counter() - t0
+    for r in results:
+        if args.json:
+            print(json.dumps(r, ensure_ascii=False))
+            continue
+        print(f"### {r['prompt']}")
+        if r["reasoning"]:
+            print(f"[thinking] {r['reasoning'].strip()}")
+        print(r["content"] if not args.raw else r["text"])
+    tokens = engine.stats["tokens"]
+    line = f"{len(prompts)} prompts, {tokens} tokens in {seconds:.2f} s ({tokens / seconds:,.0f} tok/s)"
+    if args.speculative:
+        line += f", MTP draft acceptance {engine.acceptance_rate:.0%}"
+    print(line, file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    """Interactive chat with a checkpoint: reasoning shown apart from the answer."""
+    from nanoseek.infer.chat import repl
+
+    _, engine = _load_for_inference(args, args.speculative)
+    repl(engine, _sampling(args))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible server and the web chat page (nanoseek/infer/server.py)."""
+    import torch
+
+    from nanoseek.hf import load_pretrained
+    from nanoseek.infer.server import ServeConfig, serve
+
+    cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, max_concurrent=args.max_concurrent,
+                      max_batch=args.max_batch, speculative=args.speculative)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    serve(load_pretrained(args.checkpoint, device=device, dtype=getattr(torch, args.dtype)), cfg)
+    return 0
+
+
+def _inference_args(p, sampling: bool = True) -> None:
+    p.add_argument("checkpoint", help="a run directory (latest checkpoint), a checkpoint, or an HF model directory")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
+    p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
+    if sampling:
+        p.add_argument("--max-tokens", type=int, default=256)
+        p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+        p.add_argument("--top-k", type=int, default=0)
+        p.add_argument("--top-p", type=float, default=1.0)
+        p.add_argument("--seed", type=int)
+        p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -170,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--docs", type=int, default=60000, help="--builtin: number of documents")
     p.add_argument("--p-err", type=float, default=0.0, help="--builtin: imitation noise of add/sub traces")
     p.set_defaults(func=cmd_prepare)
+    p = sub.add_parser("generate", help="complete prompts with a trained model")
+    _inference_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", metavar="FILE", help="prompts, one per line (or .jsonl with a prompt field)")
+    p.add_argument("--raw", action="store_true", help="plain continuation, no chat template")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+    p.set_defaults(func=cmd_generate)
+    p = sub.add_parser("chat", help="chat with a trained model in the terminal")
+    _inference_args(p)
+    p.set_defaults(func=cmd_chat)
+    p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat (http://127.0.0.1:8000)")
+    _inference_args(p, sampling=False)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY")
+    p.add_argument("--max-concurrent", type=int, default=32, help="requests in flight; more get HTTP 429")
+    p.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -8,6 +8,11 @@ from __future__ import annotations
 from nanoseek.data.tokenizer import END_THINK, THINK
 
 
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest proper prefix of `tag` that `text` ends with."""
+    return max((k for k in range(1, len(tag)) if text.endswith(tag[:k])), default=0)
+
+
 class TextStream:
     """Decode a growing list of ids into text deltas.
 
@@ -31,7 +36,7 @@ class TextStream:
         if not final:
             if full.endswith("\ufffd"):
                 full = full[:-1]
-            hold = max((k for s in self.stop for k in range(1, len(s)) if full.endswith(s[:k])), default=0)
+            hold = max((_partial_suffix(full, s) for s in self.stop), default=0)
             full = full[: len(full) - hold]
         delta = full[len(self.text):] if full.startswith(self.text) else ""
         self.text += delta
@@ -61,7 +66,12 @@ class ReasoningSplitter:
 
     def push(self, delta: str) -> tuple[str, str]:
         self.text += delta
+        head = self.text.lstrip()
+        if THINK.startswith(head):
+            return "", ""  # may still become <think>
         reasoning, content = split_reasoning(self.text)
+        if head.startswith(THINK) and END_THINK not in head:  # hold back what may become </think>
+            reasoning = reasoning[: len(reasoning) - _partial_suffix(reasoning, END_THINK)]
         r, c = reasoning[len(self.reasoning):], content[len(self.content):]
         self.reasoning, self.content = reasoning, content
         return r, c

@@ -1,12 +1,6 @@
 import pytest
 
-from nanoseek.data.builtin import ensure_builtin_data
 from nanoseek.train.config import load_train_config
-
-
-@pytest.fixture(scope="session")
-def shard_dir(tmp_path_factory):
-    return ensure_builtin_data(tmp_path_factory.mktemp("builtin"), vocab_size=512, n_train_docs=1500, progress=False)
 
 
 @pytest.fixture

@@ -1,0 +1,46 @@
+import pytest
+
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.infer.text import ReasoningSplitter, TextStream, split_reasoning
+
+TEXT = "<think>2+2: 二加二 is 4 🎉</think>The answer is 4.<|end_of_text|>"
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    return Tokenizer.train(iter(["The answer is 4. 2+2=4", "hello world"] * 20), 300,
+                           tmp_path_factory.mktemp("tok"))
+
+
+def stream_all(tok, ids, **kw):
+    s = TextStream(tok, **kw)
+    deltas = [s.push([i]) for i in ids]
+    deltas.append(s.finish())
+    return s, deltas
+
+
+def test_deltas_join_to_the_decoded_text_and_never_split_a_character(tok):
+    ids = tok.encode(TEXT)
+    s, deltas = stream_all(tok, ids, skip_ids=frozenset({tok.eos_id}))
+    assert "".join(deltas) == TEXT.replace("<|end_of_text|>", "") == s.text
+    assert not any("\ufffd" in d for d in deltas)  # multi-byte characters arrive whole
+
+
+def test_stop_strings_cut_the_text_and_are_held_back(tok):
+    ids = tok.encode("The answer is 4. More text after")
+    s, deltas = stream_all(tok, ids, stop=("4. M",))
+    assert s.stopped and s.text == "The answer is "
+    assert all("4" not in d for d in deltas)  # "4" could start the stop string: never emitted
+
+
+def test_split_reasoning():
+    assert split_reasoning("<think>a b</think> answer") == ("a b", "answer")
+    assert split_reasoning("<think>still thinking") == ("still thinking", "")
+    assert split_reasoning("no think block") == ("", "no think block")
+
+
+def test_streaming_split_equals_the_whole_split():
+    text = "<think>step 1, step 2</think>\\nfinal <answer>4</answer>"
+    sp = ReasoningSplitter()
+    parts = [sp.push(text[i:i + 3]) for i in range(0, len(text), 3)]
+    assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == split_reasoning(text)
