@@ -92,14 +92,18 @@ def cmd_prepare(args) -> int:
 
 
 def cmd_train(args) -> int:
-    """Pretrain (or resume) a run; on the built-in corpus, finish with greedy held-out accuracy."""
+    """Pretrain or fine-tune (sft) a run, or resume one; on the built-in corpus, finish with greedy held-out
+    accuracy."""
     from nanoseek.data.builtin import heldout
     from nanoseek.report import write_report
     from nanoseek.rl.evaluate import greedy_accuracy
     from nanoseek.train.config import load_train_config
     from nanoseek.train.loop import run
 
-    cfg = load_train_config(args.config, args.overrides)
+    sft = args.command == "sft"
+    cfg = load_train_config(args.config, (["data.loss_on=assistant"] if sft else []) + args.overrides)
+    if sft and not cfg.init:
+        raise ValueError("nanoseek sft needs init=DIR: the run, checkpoint or HF directory to fine-tune")
     result = run(cfg, resume=args.resume, quiet=args.quiet)
     cfg = result["config"]
     sections = result["sections"]
@@ -230,6 +234,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="pretrain a model (built-in corpus by default); --resume continues a run")
     p.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value (dotted: optim.lr=1e-3)")
     p.add_argument("--config", help="a TOML run file (configs/*.toml)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems to score at the end (0: off)")
+    p.set_defaults(func=cmd_train)
+    p = sub.add_parser("sft", help="supervised fine-tuning: train from init=DIR, loss on assistant turns only")
+    p.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value (init=runs/nano, data.path=...)")
+    p.add_argument("--config", help="a TOML run file (configs/sft.toml)")
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     p.add_argument("--eval-problems", type=int, default=200, help="held-out problems to score at the end (0: off)")

@@ -54,9 +54,8 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-                    ) -> Pretrained:
-    """Load a model (and its tokenizer, when the directory has one) ready for inference."""
+def locate(path: str | Path) -> tuple[Path, Path, ModelConfig]:
+    """(directory with config.json and tokenizer.json, directory with the weights, model config)."""
     path = Path(path)
     if not path.is_dir():
         raise ValueError(f"{path} is not a directory (expected a run, checkpoint or Hugging Face model directory)")
@@ -78,6 +77,13 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
     else:
         raise ValueError(f"{run / 'config.json'} has neither a 'model' table (nanoseek run) nor 'model_type' "
                          f"(Hugging Face config)")
+    return run, weights, cfg
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+                    ) -> Pretrained:
+    """Load a model (and its tokenizer, when the directory has one) ready for inference."""
+    run, weights, cfg = locate(path)
     model = Transformer(cfg)
     try:
         model.load_hf_state_dict(_weights(weights))

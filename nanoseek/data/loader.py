@@ -11,6 +11,10 @@ Ranks take the permutation's entries rank, rank + W, ... (disjoint), truncated t
 rank; a batch is the next batch_size of them. The last partial batch of an epoch is dropped (those windows
 come back, elsewhere, in later epochs). The position is (epoch, cursor = batches served in that epoch), so
 `load_state_dict(state_dict())` resumes on the exact next batch.
+
+loss_on="assistant" (SFT): targets outside assistant turns are -100 (ignored by the loss). A target counts
+iff the last marker before it among <|assistant|>, <|user|>, <|begin_of_text|>, <|end_of_text|> is
+<|assistant|>: the reply and its closing end-of-text are learned, prompts and user turns are not.
 """
 
 from __future__ import annotations
@@ -24,9 +28,27 @@ import torch
 from nanoseek.data.shards import ShardSet
 
 
+LOSS_ON = ("all", "assistant")
+
+
+def assistant_targets(tokens: np.ndarray, assistant: int, others: tuple[int, ...], inside: bool = False
+                      ) -> tuple[np.ndarray, bool]:
+    """mask[k] = whether tokens[k] lies in an assistant turn (the last marker before k is `assistant`);
+    `inside` is that state before tokens[0]. Returns the mask and the state after the last token."""
+    kind = np.zeros(len(tokens), dtype=np.int8)  # 1 assistant, 2 another marker
+    kind[np.isin(tokens, others)] = 2
+    kind[tokens == assistant] = 1
+    last = np.maximum.accumulate(np.where(kind > 0, np.arange(len(tokens)), -1))
+    state = np.where(last >= 0, kind[np.maximum(last, 0)] == 1, inside)  # after token k
+    mask = np.concatenate([[inside], state[:-1]]) if len(tokens) else state
+    return mask.astype(bool), bool(state[-1]) if len(tokens) else inside
+
+
 class TokenLoader:
     def __init__(self, shard_dir: str | Path, split: str = "train", batch_size: int = 8, seq_len: int = 256,
-                 seed: int = 0, rank: int = 0, world_size: int = 1):
+                 seed: int = 0, rank: int = 0, world_size: int = 1, loss_on: str = "all"):
+        if loss_on not in LOSS_ON:
+            raise ValueError(f"loss_on={loss_on!r} must be one of {LOSS_ON}")
         if batch_size < 1 or seq_len < 1:
             raise ValueError(f"batch_size={batch_size} and seq_len={seq_len} must be >= 1")
         if not 0 <= rank < world_size:
@@ -41,6 +63,21 @@ class TokenLoader:
         self.tokens_per_epoch = self.batches_per_epoch * batch_size * seq_len * world_size
         self.epoch, self.cursor = 0, 0
         self._starts: np.ndarray | None = None  # this rank's window starts for self.epoch
+        self._mask = self._assistant_mask() if loss_on == "assistant" else None
+
+    def _assistant_mask(self) -> np.ndarray:
+        """The split's stream-long target mask (one byte per token), built once."""
+        tok = self.shards.tokenizer()
+        others = (tok.user_id, tok.bos_id, tok.eos_id)
+        parts, inside = [], False
+        for array in self.shards.arrays(self.split):
+            mask, inside = assistant_targets(np.asarray(array), tok.assistant_id, others, inside)
+            parts.append(mask)
+        mask = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+        if not mask.any():
+            raise ValueError(f"split {self.split!r} of {self.shards.root} has no assistant turns "
+                             f"(<|assistant|>): loss_on='assistant' needs chat-formatted documents")
+        return mask
 
     # ------------------------------------------------------------------ training iteration
     def _epoch_starts(self, epoch: int) -> np.ndarray:
@@ -73,7 +110,11 @@ class TokenLoader:
         L = self.seq_len
         w = np.stack([self.shards.read(self.split, int(s), int(s) + L + 1) for s in starts]).astype(np.int64)
         w = torch.from_numpy(w)  # (b, L + 1)
-        return w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        if self._mask is not None:
+            keep = np.stack([self._mask[int(s) + 1:int(s) + L + 1] for s in starts])
+            y[~torch.from_numpy(keep)] = -100
+        return x, y
 
     # ------------------------------------------------------------------ evaluation
     def val_batches(self, max_batches: int | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

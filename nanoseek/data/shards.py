@@ -3,7 +3,8 @@
 Inputs (`iter_documents`), one document each:
     .txt      documents separated by blank lines (a paragraph is a document; for one document per file
               use .jsonl)
-    .jsonl    one JSON object per line; the document is its `text_field` (default "text")
+    .jsonl    one JSON object per line; the document is its `text_field` (default "text"), or, for rows
+              with a "messages" list instead (SFT data), that conversation in the chat format
     .parquet  the `text_field` column
     hf:NAME[:SPLIT]  a Hugging Face dataset (needs `datasets` and a reachable hub; streamed)
 
@@ -28,12 +29,9 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.data.tokenizer import BOS, EOS, Tokenizer, render_chat
 
 FORMAT = "nanoseek-shards-v1"
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
@@ -119,8 +117,21 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
 
 
+def _chat_document(path: Path, lineno: int, messages) -> str:
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise ValueError(f"{path}:{lineno}: 'messages' must be a non-empty list of {{role, content}} objects")
+    try:
+        text = render_chat(messages, add_generation_prompt=False)
+    except ValueError as e:
+        raise ValueError(f"{path}:{lineno}: {e}") from None
+    return text.removeprefix(BOS).removesuffix(EOS)  # documents are framed bos ... eos when written
+
+
 def _read_jsonl(path: Path, field: str) -> Iterator[str]:
     for lineno, row in iter_jsonl(path):
+        if field not in row and "messages" in row:
+            yield _chat_document(path, lineno, row["messages"])
+            continue
         if field not in row:
             raise ValueError(f"{path}:{lineno}: no field {field!r} (fields: {sorted(row)}); "
                              f"name the text field with --text-field")

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoseek.config import PRESETS, ModelConfig, apply_overrides
+from nanoseek.data.loader import LOSS_ON
 
 SCHEDULES = ("v3", "wsd", "cosine", "constant")
 
@@ -68,10 +69,13 @@ class DataConfig:
     builtin_vocab_size: int = 2048
     builtin_docs: int = 60000
     builtin_seed: int = 0
+    loss_on: str = "all"  # "assistant": SFT, the loss only on assistant turns of chat documents
 
     def __post_init__(self):
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"data.loss_on={self.loss_on!r} must be one of {LOSS_ON}")
 
 
 @dataclass
@@ -81,6 +85,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     data: DataConfig = field(default_factory=DataConfig)
     out_dir: str = "runs/nano"
+    init: str = ""  # start from these weights (a run, checkpoint or HF directory) instead of random ones
     steps: int = 600
     batch_size: int = 16
     grad_accum: int = 1

@@ -26,6 +26,7 @@ from nanoseek.data.builtin import ensure_builtin_data
 from nanoseek.data.loader import TokenLoader
 from nanoseek.data.shards import ShardSet
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.hf import load_pretrained, locate
 from nanoseek.model import Transformer
 from nanoseek.report import plot_training, read_metrics, write_report
 from nanoseek.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
@@ -127,11 +128,15 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
     ctx = autocast_for(device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(device).train()
+    if init is None and cfg.init:
+        init = functools.partial(_init_from, cfg.init)
     if init is not None:
         init(model)
     optimizer = build_optimizer(model, cfg.optim)
-    loader = TokenLoader(shard_dir, "train", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed)
-    val_loader = TokenLoader(shard_dir, "val", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed)
+    loader = TokenLoader(shard_dir, "train", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed,
+                         loss_on=cfg.data.loss_on)
+    val_loader = TokenLoader(shard_dir, "val", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed,
+                             loss_on=cfg.data.loss_on)
     start, elapsed = 0, 0.0
     ckpt = latest_checkpoint(run)
     if ckpt is not None and not resume:
@@ -212,6 +217,16 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
             "flops_per_token": flops_per_token, "last": record, "model": model}
 
 
+@torch.no_grad()
+def _init_from(path: str, model: Transformer) -> None:
+    """Copy the weights of a run / checkpoint / HF directory into the fresh model (same architecture)."""
+    source = load_pretrained(path).model
+    if source.config != model.config:
+        diff = [k for k, v in model.config.to_dict().items() if source.config.to_dict().get(k) != v]
+        raise ValueError(f"init={path}: its model differs from this run's in {diff}")
+    model.load_state_dict(source.state_dict())
+
+
 def resolve_data(cfg: TrainConfig, progress: bool = False) -> tuple[TrainConfig, Path, Tokenizer]:
     """The shard directory (built-in corpus when data.path is empty) and its tokenizer; the model's vocabulary
     and special ids follow the tokenizer (vocab_size rounded up to a multiple of 64)."""
@@ -223,8 +238,13 @@ def resolve_data(cfg: TrainConfig, progress: bool = False) -> tuple[TrainConfig,
                                         progress=progress)
     shards = ShardSet.open(shard_dir)
     tok = shards.tokenizer()
-    vocab = -(-tok.vocab_size // 64) * 64
-    model = cfg.model.replace(vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
+    if cfg.init:  # the architecture is the init model's; its tokenizer must be the data's
+        run, _, model = locate(cfg.init)
+        if (run / "tokenizer.json").is_file() and Tokenizer.load(run).sha256 != tok.sha256:
+            raise ValueError(f"init={cfg.init} was trained with another tokenizer than the data in {shard_dir}")
+    else:
+        vocab = -(-tok.vocab_size // 64) * 64
+        model = cfg.model.replace(vocab_size=vocab, bos_token_id=tok.bos_id, eos_token_id=tok.eos_id)
     shards.check_vocab(model.vocab_size)
     return dataclasses.replace(cfg, model=model), shard_dir, tok
 

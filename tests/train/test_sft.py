@@ -1,0 +1,70 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.data.loader import TokenLoader, assistant_targets
+from nanoseek.data.shards import ShardSet, prepare
+from nanoseek.train.loop import resolve_data, train
+
+A, U, B, E = 3, 2, 0, 1  # assistant, user, bos, eos ids
+
+
+def test_assistant_targets_mask_reply_and_closing_eos_only():
+    toks = np.array([B, U, 9, 9, A, 7, 7, E, B, U, 9, A, 7, E])
+    mask, inside = assistant_targets(toks, A, (U, B, E))
+    assert mask.astype(int).tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0, 0, 1, 1]
+    assert not inside
+    # the state carries across shard boundaries
+    first, inside = assistant_targets(toks[:6], A, (U, B, E))
+    rest, _ = assistant_targets(toks[6:], A, (U, B, E), inside)
+    assert np.concatenate([first, rest]).tolist() == mask.tolist()
+
+
+def test_loader_ignores_everything_but_assistant_turns(shard_dir):
+    tok = ShardSet.open(shard_dir).tokenizer()
+    x, y = TokenLoader(shard_dir, batch_size=4, seq_len=64, loss_on="assistant").next_batch()
+    x_all, y_all = TokenLoader(shard_dir, batch_size=4, seq_len=64).next_batch()
+    assert torch.equal(x, x_all)
+    kept = y != -100
+    assert torch.equal(y[kept], y_all[kept])
+    assert 0.2 < kept.float().mean() < 0.95
+    # no prompt token is a target: user/bos tags and the assistant tag itself never are
+    for special in (tok.user_id, tok.bos_id, tok.assistant_id):
+        assert not (y[kept] == special).any()
+    assert (y[kept] == tok.eos_id).any() and (y[kept] == tok.think_id).any()
+
+
+def test_chat_jsonl_becomes_chat_documents(tmp_path, shard_dir):
+    tok = ShardSet.open(shard_dir).tokenizer()
+    rows = [{"messages": [{"role": "user", "content": f"{i}+1="},
+                          {"role": "assistant", "content": f"<answer>{i + 1}</answer>"}]} for i in range(50)]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    prepare([tmp_path / "chat.jsonl"], tok, tmp_path / "shards", val_fraction=0.2, progress=False)
+    stream = np.concatenate([np.asarray(a) for a in ShardSet.open(tmp_path / "shards").arrays("train")])
+    first = stream[: list(stream).index(tok.eos_id) + 1]
+    assert tok.decode(first).startswith("<|begin_of_text|><|user|>") and tok.decode(first).count("<|end_of_text|>") == 1
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"messages": [{"role": "robot", "content": "x"}]}))
+    with pytest.raises(ValueError, match="bad.jsonl:1: messages\\[0\\].role='robot'"):
+        prepare([tmp_path / "bad.jsonl"], tok, tmp_path / "bad", progress=False)
+
+
+def test_sft_starts_from_the_init_weights_and_learns(tiny_run, shard_dir, make_cfg):
+    run, model = tiny_run
+    cfg = make_cfg(f"init={run}", "data.loss_on=assistant", "steps=6", "optim.lr=1e-3", "mtp_lambda=0", out="sft")
+    cfg, _, _ = resolve_data(cfg)
+    assert cfg.model == model.config  # the architecture comes from init, whatever the preset says
+    x, y = TokenLoader(shard_dir, batch_size=4, seq_len=64, seed=cfg.seed, loss_on="assistant").next_batch()
+    with torch.no_grad():
+        init_loss = float(model(x, labels=y).loss)
+    train(cfg, shard_dir, quiet=True)
+    losses = [r["main"] for r in map(json.loads, open(f"{cfg.out_dir}/metrics.jsonl")) if "main" in r]
+    assert losses[0] == pytest.approx(init_loss, rel=1e-5)  # step 1 ran on the init weights
+    assert losses[-1] < losses[0]
+
+
+def test_sft_command_needs_init_and_a_matching_tokenizer(tiny_run, tmp_path, capsys):
+    assert main(["sft", f"out_dir={tmp_path / 'x'}"]) == 2
+    assert "nanoseek sft needs init=DIR" in capsys.readouterr().err
