@@ -94,7 +94,7 @@ def cmd_prepare(args) -> int:
 def cmd_train(args) -> int:
     """Pretrain or fine-tune (sft) a run, or resume one; on the built-in corpus, finish with greedy held-out
     accuracy."""
-    from nanoseek.data.builtin import heldout
+    from nanoseek.data.builtin import get_mix, heldout
     from nanoseek.report import write_report
     from nanoseek.rl.evaluate import greedy_accuracy
     from nanoseek.train.config import load_train_config
@@ -108,7 +108,8 @@ def cmd_train(args) -> int:
     cfg = result["config"]
     sections = result["sections"]
     if not cfg.data.path and args.eval_problems:
-        ev = greedy_accuracy(result["model"], result["tokenizer"], heldout(args.eval_problems), progress=not args.quiet)
+        problems = heldout(args.eval_problems, mix=get_mix(cfg.data.builtin_mix))
+        ev = greedy_accuracy(result["model"], result["tokenizer"], problems, progress=not args.quiet)
         sections["Held-out accuracy (greedy)"] = {"problems": ev["n"], "accuracy": f"{ev['accuracy']:.1%}"} | {
             f"sample {i}": f"`{s['prompt']}` -> `{s['completion']}` ({'right' if s['correct'] else 'wrong'})"
             for i, s in enumerate(ev["samples"][:4])}
@@ -119,19 +120,24 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_for_inference(args, speculative: bool):
-    """The model directory (run, checkpoint or HF format), its tokenizer and an Engine over them."""
+def _pretrained(args):
+    """The model directory (run, checkpoint or HF format) on --device in --dtype, with its tokenizer."""
     import torch
 
     from nanoseek.hf import load_pretrained
-    from nanoseek.infer.engine import Engine
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     pre = load_pretrained(args.checkpoint, device=device, dtype=getattr(torch, args.dtype))
     if pre.tokenizer is None:
         raise ValueError(f"{args.checkpoint} has no tokenizer.json: text generation needs one")
-    engine = Engine(pre.model, pre.tokenizer, max_batch=args.max_batch, speculative=speculative)
-    return pre, engine
+    return pre
+
+
+def _engine(args):
+    from nanoseek.infer.engine import Engine
+
+    pre = _pretrained(args)
+    return Engine(pre.model, pre.tokenizer, max_batch=args.max_batch, speculative=args.speculative)
 
 
 def _sampling(args):
@@ -162,7 +168,7 @@ def cmd_generate(args) -> int:
             prompts += [line for line in path.read_text().splitlines() if line.strip()]
     if not prompts:
         raise ValueError("give at least one --prompt or a --prompts file")
-    pre, engine = _load_for_inference(args, args.speculative)
+    engine = _engine(args)
     t0 = time.perf_counter()
     results = complete(engine, prompts, _sampling(args), chat=not args.raw)
     seconds = time.perf_counter() - t0
@@ -186,23 +192,45 @@ def cmd_chat(args) -> int:
     """Interactive chat with a checkpoint: reasoning shown apart from the answer."""
     from nanoseek.infer.chat import repl
 
-    _, engine = _load_for_inference(args, args.speculative)
+    engine = _engine(args)
     repl(engine, _sampling(args))
     return 0
 
 
 def cmd_serve(args) -> int:
     """The OpenAI-compatible server and the web chat page (nanoseek/infer/server.py)."""
-    import torch
-
-    from nanoseek.hf import load_pretrained
     from nanoseek.infer.server import ServeConfig, serve
 
     cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, max_concurrent=args.max_concurrent,
-                      max_batch=args.max_batch, speculative=args.speculative)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    serve(load_pretrained(args.checkpoint, device=device, dtype=getattr(torch, args.dtype)), cfg)
+                      max_batch=args.max_batch, speculative=args.speculative, max_len=args.max_len,
+                      model_name=args.model_name)
+    serve(_pretrained(args), cfg)
     return 0
+
+
+def cmd_rl(args) -> int:
+    """GRPO with rule-based rewards from a trained policy (nanoseek/rl/loop.py)."""
+    from nanoseek.rl.loop import load_grpo_config, run
+
+    cfg = load_grpo_config(args.config, args.overrides)
+    result = run(cfg, resume=args.resume, quiet=args.quiet)
+    print(f"report: {result['report']}  plots: {Path(cfg.out_dir) / 'plots'}  metrics: "
+          f"{Path(cfg.out_dir) / 'metrics.jsonl'}  samples: {Path(cfg.out_dir) / 'samples.jsonl'}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """Pretrain, GRPO, an SFT control, evaluation and a report (nanoseek/demo.py)."""
+    from nanoseek.demo import main as demo_main
+
+    return demo_main(args)
+
+
+def cmd_eval(args) -> int:
+    """Held-out evaluation: greedy, pass@1 ± se over k samples, maj@k, pass@k (nanoseek/rl/evaluate.py)."""
+    from nanoseek.rl.evaluate import main as eval_main
+
+    return eval_main(args)
 
 
 def _inference_args(p, sampling: bool = True) -> None:
@@ -298,7 +326,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY")
     p.add_argument("--max-concurrent", type=int, default=32, help="requests in flight; more get HTTP 429")
+    p.add_argument("--max-len", type=int, help="context (prompt + completion) in tokens (default: the model's)")
+    p.add_argument("--model-name", help="the model name clients send (default: the directory's name)")
     p.set_defaults(func=cmd_serve)
+    p = sub.add_parser("rl", help="GRPO with verifiable rewards from init=DIR (configs/grpo.toml)")
+    p.add_argument("overrides", nargs="*", help="GRPOConfig fields as key=value (dotted: optim.lr=1e-4)")
+    p.add_argument("--config", help="a TOML run file (configs/grpo.toml)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.set_defaults(func=cmd_rl)
+    p = sub.add_parser("demo", help="the R1 story on the built-in data: pretrain, GRPO, SFT control, report")
+    p.add_argument("--pretrain-config", default="configs/nano.toml")
+    p.add_argument("--grpo-config", default="configs/grpo.toml")
+    p.add_argument("--sft-config", default="configs/sft.toml")
+    p.add_argument("--out", default="runs/demo", help="where the demo report goes")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+    p = sub.add_parser("eval", help="held-out evaluation: greedy, pass@1 ± se, maj@k, pass@k, format, length")
+    _inference_args(p, sampling=False)
+    p.add_argument("--task", action="append", default=[],
+                   help="a task name or a .jsonl task file (repeatable; default: the built-in held-out mix)")
+    p.add_argument("--n", type=int, default=200, help="held-out problems (per task with --task)")
+    p.add_argument("--k", type=int, default=8, help="samples per problem for pass@1, maj@k, pass@k (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0, help="problem draw and sample seeds")
+    p.add_argument("--out", metavar="FILE.json", help="write the JSON report here")
+    p.set_defaults(func=cmd_eval, max_batch=64)
     return parser
 
 

@@ -59,6 +59,41 @@ def plot_training(run_dir: Path) -> list[Path]:
     return paths
 
 
+def plot_rl(run_dir: Path) -> list[Path]:
+    """GRPO plots from RUN/metrics.jsonl: rewards, completion length, KL and entropy, held-out accuracy."""
+    run_dir = Path(run_dir)
+    path = run_dir / "metrics.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    steps = [r for r in records if "reward" in r]
+    evals = [r for r in records if "eval" in r]
+    if not steps:
+        return []
+    out = run_dir / "plots"
+    out.mkdir(exist_ok=True)
+    x = [r["step"] for r in steps]
+    panels = [("reward.png", "Rewards (batch mean)", [k for k in ("reward", "accuracy", "format") if k in steps[0]]),
+              ("length.png", "Completion length (tokens)", ["len"]),
+              ("kl_entropy.png", "KL to the reference and policy entropy", ["kl", "entropy"])]
+    paths = []
+    for name, title, keys in panels:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for k in keys:
+            ax.plot(x, [r[k] for r in steps], label=k)
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out / name))
+    if evals:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for k in evals[0]["eval"]:
+            ax.plot([r["step"] for r in evals], [r["eval"][k] for r in evals], "o-", label=k)
+        ax.set(xlabel="step", ylabel="fraction correct", title="Held-out accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        paths.append(_save(fig, out / "heldout.png"))
+    return paths
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -34,6 +34,20 @@ BUILTIN_MIX: tuple[tuple[str, int, float], ...] = (
 )
 
 
+# Addition and subtraction only, weighted to two digits: what a few CPU-minutes of pretraining learns well
+# enough for RL to improve (the demo; docs/LOG.md has the calibration).
+ARITHMETIC_MIX: tuple[tuple[str, int, float], ...] = (
+    ("add", 1, 5), ("add", 2, 40), ("add", 3, 15), ("sub", 1, 3), ("sub", 2, 27), ("sub", 3, 10),
+)
+MIXES = {"full": BUILTIN_MIX, "arithmetic": ARITHMETIC_MIX}
+
+
+def get_mix(name: str) -> tuple[tuple[str, int, float], ...]:
+    if name not in MIXES:
+        raise ValueError(f"builtin mix {name!r} is unknown; choose one of {sorted(MIXES)}")
+    return MIXES[name]
+
+
 def _task(name: str, p_err: float):
     return TASKS[name].with_options(p_err=p_err) if p_err and name in ("add", "sub") else TASKS[name]
 
@@ -87,7 +101,8 @@ def heldout(n: int, seed: int = 0, mix=BUILTIN_MIX) -> list[Problem]:
 
 
 def ensure_builtin_data(root: str | Path, vocab_size: int = 2048, seed: int = 0, n_train_docs: int = 60000, *,
-                        p_err: float = 0.0, val_fraction: float = 0.02, progress: bool = True) -> Path:
+                        p_err: float = 0.0, val_fraction: float = 0.02, mix=BUILTIN_MIX, progress: bool = True
+                        ) -> Path:
     """Build (or find, cached by a hash of the configuration) the built-in corpus; return its shard dir.
 
     vocab_size bounds the tokenizer (the corpus offers far fewer merges, so the real vocabulary is
@@ -99,7 +114,7 @@ def ensure_builtin_data(root: str | Path, vocab_size: int = 2048, seed: int = 0,
     if n_train_docs < 1:
         raise ValueError(f"n_train_docs={n_train_docs} must be >= 1")
     config = {"version": CORPUS_VERSION, "vocab_size": vocab_size, "seed": seed, "n_train_docs": n_train_docs,
-              "p_err": p_err, "val_fraction": val_fraction, "mix": [list(m) for m in BUILTIN_MIX]}
+              "p_err": p_err, "val_fraction": val_fraction, "mix": [list(m) for m in mix]}
     key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:12]
     root = Path(root)
     final = root / f"builtin-{key}"
@@ -109,7 +124,7 @@ def ensure_builtin_data(root: str | Path, vocab_size: int = 2048, seed: int = 0,
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
-        problems = generate_corpus(n_train_docs, seed, p_err, progress=progress)
+        problems = generate_corpus(n_train_docs, seed, p_err, mix, progress=progress)
         with open(tmp / "corpus.jsonl", "w", encoding="utf-8") as f:
             for p in problems:
                 f.write(json.dumps({"text": p.document}, ensure_ascii=False) + "\n")

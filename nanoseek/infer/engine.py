@@ -23,6 +23,7 @@ Only depth 1 drafts (V3 trains one MTP module); `stats` counts drafts and accept
 from __future__ import annotations
 
 import itertools
+import queue
 from collections import deque
 from dataclasses import dataclass, field, replace
 
@@ -84,7 +85,8 @@ class Engine:
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
         self.device = model.embed_tokens.weight.device
         self.cache = model.new_cache(max_batch, self.max_len)
-        self.waiting: deque[Request] = deque()
+        self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()  # add() may be called from any thread
+        self.waiting: deque[Request] = deque()  # touched by the stepping thread only
         self.running: list[Request] = []  # running[i] holds cache row i
         self.eos = frozenset({tokenizer.eos_id}) if tokenizer is not None else frozenset()
         self.stats = dict(steps=0, prefill_tokens=0, tokens=0, drafted=0, accepted=0)
@@ -108,11 +110,11 @@ class Engine:
                       generator=params.generator(self.device))
         if self.tokenizer is not None:
             req.stream = TextStream(self.tokenizer, params.stop, skip_ids=req.stop_ids)
-        self.waiting.append(req)
+        self.inbox.put(req)
         return req
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or not self.inbox.empty())
 
     @property
     def acceptance_rate(self) -> float:
@@ -233,7 +235,20 @@ class Engine:
                 text += r.stream.finish()
         return Update(r, kept, text)
 
+    def abort_all(self) -> list[Request]:
+        """Remove every queued and running request (e.g. after a failed step) and return them."""
+        self._drain_inbox()
+        aborted = [*self.waiting, *self.running]
+        self.waiting.clear()
+        self.running.clear()
+        return aborted
+
+    def _drain_inbox(self) -> None:
+        while not self.inbox.empty():
+            self.waiting.append(self.inbox.get())
+
     def _drop_cancelled(self) -> list[Update]:
+        self._drain_inbox()
         updates = []
         for r in [*self.waiting, *self.running]:
             if r.cancelled and not r.done:

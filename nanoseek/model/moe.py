@@ -101,6 +101,8 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # rows: I gate, then I up
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
+    loop_max_rows = 16  # without autograd, up to this many (token, expert) rows use per-expert matmuls
+
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (t, H), idx/weights (t, k) -> y (t, H) = sum_k weights * FFN_idx(x), tokens per expert (e,)."""
         t, k = idx.shape
@@ -109,10 +111,12 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
         token = order // k
         xs = x[token]  # (t*k, H), grouped by expert
-        gate, up = self._mm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
+        # decoding touches a few experts: a grouped GEMM would still visit all E groups
+        mm = self._mm_few if t * k <= self.loop_max_rows and not torch.is_grad_enabled() else self._mm
+        gate, up = mm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
         # w * down(a) = down(w * a): weight the I-wide activation, not the H-wide output
         act = F.silu(gate) * up * weights.flatten()[order, None].to(xs.dtype)
-        out = self._mm(act, self.down_proj, counts)
+        out = mm(act, self.down_proj, counts)
         return torch.zeros_like(x).index_add_(0, token, out), counts
 
     @staticmethod
@@ -121,8 +125,17 @@ class Experts(nn.Module):
         if _grouped_mm_ok(xs):
             offs = counts.cumsum(0).to(torch.int32)
             return F.grouped_mm(xs, w.transpose(1, 2), offs=offs)
-        chunks = xs.split(counts.tolist())
-        return torch.cat([c @ w[j].T for j, c in enumerate(chunks)])
+        return Experts._mm_few(xs, w, counts)
+
+    @staticmethod
+    def _mm_few(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """The same, one matmul per expert that has rows."""
+        outs, start = [], 0
+        for j, n in enumerate(counts.tolist()):
+            if n:
+                outs.append(xs[start:start + n] @ w[j].T)
+                start += n
+        return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
 
 
 class MoE(nn.Module):

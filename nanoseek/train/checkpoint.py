@@ -62,7 +62,9 @@ def optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], list[d
     return tensors, groups
 
 
-def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int) -> Path:
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
+    """Write step_N atomically; `extra` adds named safetensors files (e.g. an RL reference model)."""
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
@@ -72,6 +74,8 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     opt_tensors, groups = optimizer_tensors(model, optimizer)
     _write(tmp / "model.safetensors", lambda p: save_file(model_tensors(model), p, metadata={"format": "pt"}))
     _write(tmp / "optimizer.safetensors", lambda p: save_file(opt_tensors, p))
+    for name, tensors in (extra or {}).items():
+        _write(tmp / name, lambda p, t=tensors: save_file(t, p))
     _write(tmp / "state.json", lambda p: p.write_text(json.dumps({**state, "step": step, "param_groups": groups})))
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again after a resume
@@ -107,7 +111,7 @@ def read_state(path: Path) -> dict:
         raise CheckpointError(f"{path / 'state.json'} is corrupt: {e}") from None
 
 
-def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+def load_tensors(file: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(file)
     except (SafetensorError, OSError) as e:
@@ -117,7 +121,7 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
 def load_checkpoint(path: Path, model, optimizer=None) -> dict:
     """Restore weights (and optimizer state) in place; return state.json's contents."""
     state = read_state(path)
-    tensors = _load_tensors(path / "model.safetensors")
+    tensors = load_tensors(path / "model.safetensors")
     try:
         model.load_hf_state_dict(tensors)
     except ValueError as e:
@@ -130,7 +134,7 @@ def load_checkpoint(path: Path, model, optimizer=None) -> dict:
 def _load_optimizer(path: Path, model, optimizer, state: dict) -> None:
     file = path / "optimizer.safetensors"
     by_param: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in _load_tensors(file).items():
+    for key, value in load_tensors(file).items():
         name, _, state_key = key.rpartition(".")
         by_param.setdefault(name, {})[state_key] = value
     params = [p for g in optimizer.param_groups for p in g["params"]]

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nanoseek.config import PRESETS, ModelConfig, apply_overrides
+from nanoseek.data.builtin import get_mix
 from nanoseek.data.loader import LOSS_ON
 
 SCHEDULES = ("v3", "wsd", "cosine", "constant")
@@ -69,11 +70,16 @@ class DataConfig:
     builtin_vocab_size: int = 2048
     builtin_docs: int = 60000
     builtin_seed: int = 0
+    builtin_mix: str = "full"  # "full": every task family; "arithmetic": addition and subtraction (the demo)
+    builtin_p_err: float = 0.0  # imitation noise: each add/sub scratchpad step is off by one with this chance
     loss_on: str = "all"  # "assistant": SFT, the loss only on assistant turns of chat documents
 
     def __post_init__(self):
         if self.seq_len < 2:
             raise ValueError(f"data.seq_len={self.seq_len} must be >= 2")
+        get_mix(self.builtin_mix)
+        if not 0 <= self.builtin_p_err < 1:
+            raise ValueError(f"data.builtin_p_err={self.builtin_p_err} must be in [0, 1)")
         if self.loss_on not in LOSS_ON:
             raise ValueError(f"data.loss_on={self.loss_on!r} must be one of {LOSS_ON}")
 
@@ -107,6 +113,7 @@ class TrainConfig:
     eval_batches: int = 8
     ckpt_every: int = 100
     keep_last: int = 2
+    time_limit: float = 0.0  # seconds of training after which the run ends early (0 = none)
     price_per_hour: float = 2.0  # dollars per device-hour, for report.md
 
     def __post_init__(self):
@@ -143,15 +150,7 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """TOML run file (optional) + `key=value` overrides (dotted for tables: `optim.lr=1e-3`)."""
-    table: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"run config {str(path)!r} does not exist")
-        try:
-            table = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"run config {str(path)!r} is not valid TOML: {e}") from None
+    table = read_toml(path)
     preset = table.pop("preset", "nano")
     for item in overrides:
         if item.startswith("preset="):
@@ -159,16 +158,29 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     if preset not in PRESETS:
         raise ValueError(f"preset={preset!r} is unknown; choose one of {sorted(PRESETS)}")
     cfg = TrainConfig(preset=preset, model=ModelConfig.preset(preset), out_dir=f"runs/{preset}")
-    cfg = apply_overrides(cfg, _flatten(table))
+    cfg = apply_overrides(cfg, flatten_table(table))
     return apply_overrides(cfg, [o for o in overrides if not o.startswith("preset=")])
 
 
-def _flatten(table: dict, prefix: str = "") -> list[str]:
+def read_toml(path: str | Path | None) -> dict:
+    """A TOML run file as a dict ({} for None); errors name the file."""
+    if path is None:
+        return {}
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"run config {str(path)!r} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"run config {str(path)!r} is not valid TOML: {e}") from None
+
+
+def flatten_table(table: dict, prefix: str = "") -> list[str]:
     """TOML tables -> dotted key=value strings (values re-encoded as TOML literals)."""
     out = []
     for key, value in table.items():
         if isinstance(value, dict) and not (prefix == "model." and key == "rope_scaling"):
-            out += _flatten(value, f"{prefix}{key}.")
+            out += flatten_table(value, f"{prefix}{key}.")
         else:
             out.append(f"{prefix}{key}={_toml_literal(value)}")
     return out

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.cost import measure_gemm_peak, run_compute, train_flops_per_token
-from nanoseek.data.builtin import ensure_builtin_data
+from nanoseek.data.builtin import ensure_builtin_data, get_mix
 from nanoseek.data.loader import TokenLoader
 from nanoseek.data.shards import ShardSet
 from nanoseek.data.tokenizer import Tokenizer
@@ -189,7 +189,8 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
         window_time += step_time
         window_tokens += cfg.tokens_per_step
         done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.steps or not finite:
+        last = done == cfg.steps or 0 < cfg.time_limit <= elapsed  # a time-limited run ends here
+        if done % cfg.log_every == 0 or last or not finite:
             tok_s = window_tokens / window_time
             window_time, window_tokens = 0.0, 0
             record = {"step": done, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
@@ -202,15 +203,17 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
             if not quiet:
                 bar.write(f"{done}/{cfg.steps} | loss {sums['loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f}"
                           f" | tok/s {tok_s:,.0f} | mfu {record['mfu']:.1%}")
-        if done % cfg.eval_every == 0 or done == cfg.steps:
+        if done % cfg.eval_every == 0 or last:
             val = evaluate(model, val_loader, cfg.eval_batches, device, ctx)
             log.write({"step": done, "val_loss": round(val, 6)})
             if not quiet:
                 bar.write(f"{done}/{cfg.steps} | val_loss {val:.4f}")
-        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+        if done % cfg.ckpt_every == 0 or last:
             state = {"loader": loader.state_dict(), "rng": torch.get_rng_state().tolist(), "elapsed": elapsed,
-                     "config": cfg.to_dict()}
+                     "config": cfg.to_dict(), "finished": last}
             save_checkpoint(run, done, model, optimizer, state, cfg.keep_last)
+        if last:
+            break
     bar.close()
     log.close()
     return {"run_dir": str(run), "steps": cfg.steps, "elapsed": elapsed, "peak_flops": peak,
@@ -235,6 +238,7 @@ def resolve_data(cfg: TrainConfig, progress: bool = False) -> tuple[TrainConfig,
     else:
         shard_dir = ensure_builtin_data(Path(cfg.data.builtin_dir), vocab_size=cfg.data.builtin_vocab_size,
                                         seed=cfg.data.builtin_seed, n_train_docs=cfg.data.builtin_docs,
+                                        p_err=cfg.data.builtin_p_err, mix=get_mix(cfg.data.builtin_mix),
                                         progress=progress)
     shards = ShardSet.open(shard_dir)
     tok = shards.tokenizer()
@@ -262,7 +266,7 @@ def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
     _, evals = read_metrics(run_dir)
     result["sections"] = {
         "Run": {"model": f"{cfg.preset}: {cfg.model.summary()}", "data": str(shard_dir),
-                "steps": f"{cfg.steps} x {cfg.tokens_per_step:,} tokens", "tokens": f"{tokens:,}",
+                "steps": f"{last.get('step', cfg.steps)} x {cfg.tokens_per_step:,} tokens", "tokens": f"{tokens:,}",
                 "final train loss": last.get("loss"), "final validation loss": evals[-1]["val_loss"] if evals else None,
                 "wall time": f"{result['elapsed']:.0f} s"},
         "Compute": {"FLOPs per token (training, with MTP)": f"{result['flops_per_token'] / 1e6:.1f} MFLOP",

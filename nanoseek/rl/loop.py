@@ -1,0 +1,290 @@
+"""`nanoseek rl`: the GRPO loop (r1-spec section 1.7) on verifiable tasks.
+
+    for each step:
+        P prompts from the task mix (train split, drawn from (seed, step): exact resume needs no data state)
+        G completions each from the inference engine (continuous batching on the latent cache; temperature
+            T; a seed per completion), scored by the rule-based rewards (accuracy + format + user functions)
+        advantages per group; [beta > 0] reference log-probs; [mu > 1 or minibatches > 1] old log-probs
+        mu passes over the batch in `minibatches` optimizer steps (micro-batched), gradient clipping
+        log reward / accuracy / format / length / KL / entropy / clip fractions / tok/s / MFU; samples;
+        held-out pass@1 every eval_every steps; atomic checkpoints (policy, optimizer, reference, RNG)
+
+Rollouts run on the engine's absorbed-attention path, log-probs on the training path; the old policy's
+log-probs are recomputed on the training path (TRL does the same), so the ratio is exactly 1 on-policy.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from nanoseek.config import apply_overrides
+from nanoseek.cost import inference_flops_per_token, run_compute, train_flops_per_token
+from nanoseek.data.tasks import Problem, get_task, make_rng
+from nanoseek.hf import load_pretrained
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.report import plot_rl, write_report
+from nanoseek.rl.evaluate import evaluate
+from nanoseek.rl.grpo import GRPOConfig, group_advantages, policy_loss, token_logprobs
+from nanoseek.rl.rewards import Rewards
+from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_tensors, save_checkpoint
+from nanoseek.train.config import flatten_table, read_toml
+from nanoseek.train.loop import MetricsLog, gemm_peak, resolve_device
+from nanoseek.train.optim import build_optimizer, lr_at
+
+REFERENCE = "reference.safetensors"
+
+
+def load_grpo_config(path: str | Path | None, overrides: list[str] = ()) -> GRPOConfig:
+    """TOML run file (optional) + strict `key=value` overrides."""
+    return apply_overrides(apply_overrides(GRPOConfig(), flatten_table(read_toml(path))), list(overrides))
+
+
+def sample_problems(cfg: GRPOConfig, step: int) -> list[Problem]:
+    """The step's prompts: each slot picks a task uniformly; problems are distinct within the step."""
+    names = cfg.task_names
+    rng = make_rng("grpo", cfg.seed, step)
+    picks = [rng.randrange(len(names)) for _ in range(cfg.prompts_per_step)]
+    out = []
+    for i, name in enumerate(names):
+        n = picks.count(i)
+        if n:
+            out += get_task(name).sample(n, "train", seed=cfg.seed * 1_000_003 + step, difficulty=cfg.difficulty,
+                                         unique=True)
+    return out
+
+
+@dataclass
+class Rollout:
+    ids: torch.Tensor  # (N, S) prompt + completion, right-padded
+    mask: torch.Tensor  # (N, S - 1) True where target ids[:, j + 1] is a completion token that gets loss
+    texts: list[str]
+    lengths: list[int]  # completion tokens
+    truncated: list[bool]
+    prompt_tokens: int
+
+
+def rollout(engine: Engine, problems: list[Problem], cfg: GRPOConfig, step: int) -> Rollout:
+    """G completions per problem, all queued at once (continuous batching)."""
+    tok = engine.tokenizer
+    requests = []
+    for i, p in enumerate(problems):
+        ids = tok.apply_chat([{"role": "user", "content": p.prompt}])
+        if len(ids) > cfg.max_prompt_tokens:
+            raise ValueError(f"a {p.task} prompt has {len(ids)} tokens > max_prompt_tokens={cfg.max_prompt_tokens}")
+        for g in range(cfg.group_size):
+            seed = (cfg.seed * 1_000_003 + step) * 4096 + i * cfg.group_size + g
+            requests.append(engine.add(ids, SamplingParams(max_tokens=cfg.max_completion_tokens,
+                                                           temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)))
+    engine.run()
+    seqs = [r.prompt + r.tokens for r in requests]
+    S = max(map(len, seqs))
+    ids = torch.full((len(seqs), S), tok.eos_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), S - 1, dtype=torch.bool)
+    truncated = [r.finish_reason == "length" for r in requests]
+    for n, (r, seq) in enumerate(zip(requests, seqs)):
+        ids[n, : len(seq)] = torch.tensor(seq)
+        if not (truncated[n] and cfg.mask_truncated):
+            mask[n, len(r.prompt) - 1: len(seq) - 1] = True  # targets at positions of the completion tokens
+    return Rollout(ids, mask, [r.text for r in requests], [len(r.tokens) for r in requests], truncated,
+                   sum(len(r.prompt) for r in requests))
+
+
+def _logprobs(model, ids, mask, micro: int) -> torch.Tensor:
+    with torch.no_grad():
+        return torch.cat([token_logprobs(model, ids[i:i + micro], mask[i:i + micro])[0]
+                          for i in range(0, len(ids), micro)])
+
+
+def update(model, optimizer, ref, batch: Rollout, adv: torch.Tensor, cfg: GRPOConfig, step: int) -> dict:
+    """mu passes over the batch, `minibatches` optimizer steps each; returns the step's training statistics."""
+    device = next(model.parameters()).device
+    ids, mask, adv = batch.ids.to(device), batch.mask.to(device), adv.to(device)
+    model.train()
+    off_policy = cfg.mu > 1 or cfg.minibatches > 1
+    old = _logprobs(model, ids, mask, cfg.micro_batch) if off_policy else None
+    ref_logp = _logprobs(ref, ids, mask, cfg.micro_batch) if ref is not None else None
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    sums = {"loss": 0.0, "entropy": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0}
+    n_tokens = max(int(mask.sum()), 1)
+    for epoch in range(cfg.mu):
+        order = torch.randperm(len(ids), generator=gen).to(device)
+        for mb in order.chunk(cfg.minibatches):
+            norm = {"sequences": len(mb), "tokens": int(mask[mb].sum())}
+            for micro in mb.split(cfg.micro_batch):
+                logp, ent = token_logprobs(model, ids[micro], mask[micro], entropy=epoch == 0)
+                logp_old = old[micro] if old is not None else logp.detach()
+                loss, stats = policy_loss(logp, logp_old, adv[micro], mask[micro], cfg, norm,
+                                          None if ref_logp is None else ref_logp[micro])
+                loss.backward()
+                sums["loss"] += float(loss.detach()) / (cfg.mu * cfg.minibatches)
+                for k, v in stats.items():
+                    sums[k] += float(v) / (n_tokens * cfg.mu)
+                if epoch == 0:
+                    sums["entropy"] += float(ent.sum()) / n_tokens
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or math.inf))
+            if math.isfinite(grad_norm):
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sums["grad_norm"] += grad_norm / (cfg.mu * cfg.minibatches)
+    return sums
+
+
+def heldout_eval(model, tok, cfg: GRPOConfig) -> dict:
+    """Greedy accuracy and pass@1 over eval_k samples (T 0.6, top-p 0.95) on the tasks' held-out problems."""
+    per_task = max(cfg.eval_problems // len(cfg.task_names), 1)
+    problems = [p for name in cfg.task_names for p in get_task(name).sample(
+        per_task, "heldout", seed=cfg.seed, difficulty=cfg.difficulty, unique=True)]
+    overall = evaluate(model, tok, problems, k=cfg.eval_k, max_tokens=cfg.max_completion_tokens, seed=cfg.seed,
+                       batch_size=256, progress=False)["overall"]
+    return {k: overall[k] for k in ("greedy", "pass@1", f"maj@{cfg.eval_k}", f"pass@{cfg.eval_k}") if k in overall}
+
+
+def _flops(cfg: GRPOConfig, model_cfg, batch: Rollout, ref: bool) -> float:
+    """Model FLOPs of one step: prefill + absorbed decode for the rollouts, forward + backward per update
+    pass, and the forward-only passes for old / reference log-probs."""
+    S = batch.ids.shape[1]
+    gen_tokens = sum(batch.lengths)
+    roll = (batch.prompt_tokens * inference_flops_per_token(model_cfg, S).total
+            + gen_tokens * inference_flops_per_token(model_cfg, S, absorbed=True).total)
+    train = train_flops_per_token(model_cfg, S).total * batch.ids.numel()
+    forwards = (cfg.mu > 1 or cfg.minibatches > 1) + ref
+    return roll + train * (cfg.mu + forwards / 3)
+
+
+def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> dict:
+    run = Path(cfg.out_dir)
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None and not resume:
+        raise ValueError(f"{run} already holds a run (last checkpoint {ckpt.name}); pass --resume to continue it, "
+                         f"or choose another out_dir")
+    device = resolve_device(cfg.device)
+    pre = load_pretrained(cfg.init, device=device)
+    model, tok = pre.model, pre.tokenizer
+    if tok is None:
+        raise ValueError(f"init={cfg.init} has no tokenizer.json: RL needs the tokenizer to build prompts")
+    rewards = Rewards({"accuracy": cfg.accuracy_weight, "format": cfg.format_weight},
+                      [f for f in cfg.reward_fns.split(",") if f.strip()])
+    torch.manual_seed(cfg.seed)
+    model.mtp.requires_grad_(False)  # RL trains the main model only; MTP keeps drafting from its pretraining
+    optimizer = build_optimizer(model, cfg.optim)
+    ref = copy.deepcopy(model).eval().requires_grad_(False) if cfg.beta > 0 else None
+    start, elapsed, total_flops = 0, 0.0, 0.0
+    run.mkdir(parents=True, exist_ok=True)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer)
+        if state["config"] != cfg.to_dict():
+            diff = [k for k, v in cfg.to_dict().items() if state["config"].get(k) != v]
+            raise ValueError(f"{ckpt}: the checkpoint's run differs from this config in {diff}")
+        start, elapsed, total_flops = state["step"], state["elapsed"], state["flops"]
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        if ref is not None:
+            ref.load_hf_state_dict(load_tensors(ckpt / REFERENCE))
+    (run / "config.json").write_text(json.dumps({"model": model.config.to_dict(), "grpo": cfg.to_dict()}, indent=2))
+    tok.save(run)
+    log = MetricsLog(run / "metrics.jsonl", keep_until=start if ckpt is not None else None)
+    samples = MetricsLog(run / "samples.jsonl", keep_until=start if ckpt is not None else None)
+    peak = gemm_peak(str(device))
+    engine = Engine(model, tok, max_batch=min(cfg.prompts_per_step * cfg.group_size, 256),
+                    max_len=cfg.max_prompt_tokens + cfg.max_completion_tokens)
+    if start == 0 and cfg.eval_problems:
+        log.write({"step": 0, "eval": heldout_eval(model, tok, cfg)})
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="grpo", unit="step", disable=quiet,
+               dynamic_ncols=True)
+    record: dict = {}
+    for step in bar:
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.steps, cfg.optim)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        if ref is not None and cfg.ref_reset_every and step and step % cfg.ref_reset_every == 0:
+            ref.load_state_dict(model.state_dict())
+        problems = sample_problems(cfg, step)
+        model.eval()
+        batch = rollout(engine, problems, cfg, step)
+        t_roll = time.perf_counter() - t0
+        G = cfg.group_size
+        scores = [rewards(problems[n // G], text) for n, text in enumerate(batch.texts)]
+        r = torch.tensor([s["total"] for s in scores]).view(-1, G)
+        adv = group_advantages(r, scale=cfg.advantage == "grpo").flatten()
+        stats = update(model, optimizer, ref, batch, adv, cfg, step)
+        step_time = time.perf_counter() - t0
+        elapsed += step_time
+        flops = _flops(cfg, model.config, batch, ref is not None)
+        total_flops += flops
+        done = step + 1
+        gen = sum(batch.lengths)
+        record = {"step": done, "reward": round(float(r.mean()), 4), "reward_std": round(float(r.std()), 4),
+                  **{k: round(sum(s[k] for s in scores) / len(scores), 4) for k in rewards.names},
+                  "frac_zero_std": round(float((r.std(dim=1) == 0).float().mean()), 4),
+                  "len": round(gen / len(batch.lengths), 2), "len_max": max(batch.lengths),
+                  "truncated": round(sum(batch.truncated) / len(batch.truncated), 4),
+                  **{k: round(v, 6) for k, v in stats.items()}, "lr": lr,
+                  "rollout_tok_s": round(gen / t_roll, 1), "step_time": round(step_time, 2),
+                  "mfu": round(flops / step_time / peak, 4), "elapsed": round(elapsed, 2)}
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            log.write(record)
+            bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record.get('accuracy', 0):.2f}",
+                            len=f"{record['len']:.0f}")
+            if not quiet:
+                bar.write(f"{done}/{cfg.steps} | reward {record['reward']:.3f} | reward_std {record['reward_std']:.3f}"
+                          f" | frac_zero_std {record['frac_zero_std']:.2f} | len {record['len']:.1f}"
+                          f" | kl {record['kl']:.4f} | rollout tok/s {record['rollout_tok_s']:,.0f}"
+                          f" | mfu {record['mfu']:.1%}")
+        if done % cfg.sample_every == 0 or done == cfg.steps:
+            for n in range(0, len(batch.texts), G):  # one completion per prompt
+                samples.write({"step": done, "prompt": problems[n // G].prompt, "answer": problems[n // G].answer,
+                               "completion": batch.texts[n], "reward": scores[n]["total"],
+                               "advantage": round(float(adv[n]), 4)})
+        if cfg.eval_problems and (done % cfg.eval_every == 0 or done == cfg.steps):
+            ev = heldout_eval(model, tok, cfg)
+            log.write({"step": done, "eval": ev})
+            if not quiet:
+                bar.write(f"{done}/{cfg.steps} | held-out " + " | ".join(f"{k} {v:.3f}" for k, v in ev.items()))
+        if done % cfg.ckpt_every == 0 or done == cfg.steps:
+            state = {"rng": torch.get_rng_state().tolist(), "elapsed": elapsed, "flops": total_flops,
+                     "config": cfg.to_dict(), "finished": done == cfg.steps}
+            extra = {REFERENCE: {k: v.detach().contiguous().clone() for k, v in
+                                 ref.hf_state_dict(mtp_copies=False).items()}} if ref is not None else None
+            save_checkpoint(run, done, model, optimizer, state, cfg.keep_last, extra)
+    bar.close()
+    log.close()
+    samples.close()
+    return {"run_dir": str(run), "elapsed": elapsed, "flops": total_flops, "peak_flops": peak, "last": record,
+            "model": model, "tokenizer": tok}
+
+
+def run(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> dict:
+    """GRPO, plots and report.md: what `nanoseek rl` does."""
+    result = run_grpo(cfg, resume=resume, quiet=quiet)
+    run_dir = Path(cfg.out_dir)
+    plot_rl(run_dir)
+    evals = [json.loads(line)["eval"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if '"eval"' in line]
+    compute = run_compute(1.0, result["flops"], result["elapsed"], price_per_hour=cfg.price_per_hour,
+                          peak=result["peak_flops"])
+    last = result["last"]
+    sections = {
+        "Run": {"policy": f"init {cfg.init}", "tasks": cfg.tasks, "steps": cfg.steps,
+                "prompts x group": f"{cfg.prompts_per_step} x {cfg.group_size}",
+                "algorithm": f"advantage {cfg.advantage}, loss {cfg.loss_agg}, eps [{cfg.epsilon_low}, "
+                             f"{cfg.epsilon_high}], beta {cfg.beta}, mu {cfg.mu}",
+                "final reward": last.get("reward"), "wall time": f"{result['elapsed']:.0f} s"},
+        "Held-out (before -> after)": {k: f"{evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in evals[0]}
+        if len(evals) > 1 else {},
+        "Compute": {"total FLOPs": f"{result['flops']:.3e}", "MFU": f"{compute.get('mfu', float('nan')):.1%}",
+                    "device-hours": f"{compute['device_hours']:.4f}",
+                    "cost": f"${compute['cost']:.4f} at ${cfg.price_per_hour}/device-hour"},
+        "Use it": {"chat": f"`nanoseek chat {cfg.out_dir}`", "serve": f"`nanoseek serve {cfg.out_dir}`"},
+    }
+    result["sections"] = sections
+    result["report"] = write_report(run_dir, sections)
+    return result
