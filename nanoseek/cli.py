@@ -219,6 +219,19 @@ def cmd_rl(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    """Rejection sampling from a teacher, then SFT of a student on the verified completions."""
+    from nanoseek.rl.distill import DistillConfig, distill
+
+    cfg = apply_overrides(DistillConfig(), [o[len("distill."):] for o in args.overrides
+                                            if o.startswith("distill.")])
+    student = [o for o in args.overrides if not o.startswith("distill.")]
+    result = distill(cfg, args.student_config, student, quiet=args.quiet)
+    print(f"data: {cfg.out_dir}/distill.jsonl  summary: {cfg.out_dir}/summary.json  "
+          f"student report: {result['student']['report']}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     """Pretrain, GRPO, an SFT control, evaluation and a report (nanoseek/demo.py)."""
     from nanoseek.demo import main as demo_main
@@ -335,6 +348,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
     p.set_defaults(func=cmd_rl)
+    p = sub.add_parser("distill", help="rejection sampling from a teacher, then SFT of a student on verified data")
+    p.add_argument("overrides", nargs="*", help="distill.FIELD=value (teacher, k, prompts, tasks, ...) and the "
+                   "student's TrainConfig fields (preset=nano, steps=300, ...)")
+    p.add_argument("--student-config", help="a TOML run file for the student (default: TrainConfig defaults)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_distill)
     p = sub.add_parser("demo", help="the R1 story on the built-in data: pretrain, GRPO, SFT control, report")
     p.add_argument("--pretrain-config", default="configs/nano.toml")
     p.add_argument("--grpo-config", default="configs/grpo.toml")

@@ -110,7 +110,7 @@ class TokenLoader:
         L = self.seq_len
         w = np.stack([self.shards.read(self.split, int(s), int(s) + L + 1) for s in starts]).astype(np.int64)
         w = torch.from_numpy(w)  # (b, L + 1)
-        x, y = w[:, :-1].contiguous(), w[:, 1:].contiguous()
+        x, y = w[:, :-1].contiguous(), w[:, 1:].clone()  # (a 1-row slice is already contiguous: no aliasing)
         if self._mask is not None:
             keep = np.stack([self._mask[int(s) + 1:int(s) + L + 1] for s in starts])
             y[~torch.from_numpy(keep)] = -100

@@ -68,3 +68,9 @@ def test_sft_starts_from_the_init_weights_and_learns(tiny_run, shard_dir, make_c
 def test_sft_command_needs_init_and_a_matching_tokenizer(tiny_run, tmp_path, capsys):
     assert main(["sft", f"out_dir={tmp_path / 'x'}"]) == 2
     assert "nanoseek sft needs init=DIR" in capsys.readouterr().err
+
+
+def test_masking_a_one_row_batch_leaves_the_inputs_alone(shard_dir):
+    loader = TokenLoader(shard_dir, "val", batch_size=1, seq_len=64, loss_on="assistant")
+    x, y = next(loader.val_batches(1))
+    assert (x >= 0).all() and (y == -100).any()

@@ -1,0 +1,117 @@
+"""`nanoseek distill`: rejection sampling and distillation (R1 section 2.4; r1-spec section 3).
+
+    1. the teacher samples k completions for each of `prompts` training-split problems (the inference
+       engine, continuous batching; T and top-p as configured)
+    2. only verified-correct completions are kept (the task's checker or math-verify: rewards.answer_correct),
+       distinct texts, at most `per_prompt` per problem
+    3. they become chat SFT data ({"messages": [user, assistant]} JSONL, then shards with the teacher's
+       tokenizer), and a student (any preset: dense or MoE, smaller than the teacher) is trained on them with
+       the loss on assistant turns only: `nanoseek train` with data.loss_on=assistant
+
+OUT/distill.jsonl and OUT/summary.json (acceptance rate, examples, tokens) stay for inspection; the
+student run is OUT/student (report, plots, checkpoints, held-out accuracy like any run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from nanoseek.data.shards import prepare
+from nanoseek.data.tasks import Problem, get_task
+from nanoseek.hf import load_pretrained
+from nanoseek.infer.sampling import SamplingParams
+from nanoseek.rl.evaluate import generate_completions, sample_seed
+from nanoseek.rl.rewards import answer_correct, parse_completion
+from nanoseek.train.config import load_train_config
+from nanoseek.train.loop import run as train_run
+
+
+@dataclass
+class DistillConfig:
+    teacher: str = "runs/grpo"
+    out_dir: str = "runs/distill"
+    tasks: str = "add,sub"
+    difficulty: int | None = None
+    prompts: int = 2000  # per task
+    k: int = 4  # teacher samples per prompt
+    per_prompt: int = 1  # verified completions kept per prompt, at most
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_tokens: int = 64
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("prompts", "k", "per_prompt", "max_tokens"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        SamplingParams(temperature=self.temperature, top_p=self.top_p)  # same rules as sampling
+
+
+def select_verified(problems: list[Problem], completions: list[list[str]], per_prompt: int
+                    ) -> list[tuple[Problem, str]]:
+    """(problem, completion) pairs whose final answer verifies, distinct per problem, at most per_prompt."""
+    kept = []
+    for p, texts in zip(problems, completions):
+        seen: set[str] = set()
+        for text in texts:
+            if len(seen) == per_prompt:
+                break
+            if text not in seen and answer_correct(p, parse_completion(text).answer):
+                seen.add(text)
+                kept.append((p, text))
+    return kept
+
+
+def sample_teacher(model, tokenizer, problems: list[Problem], cfg: DistillConfig, progress: bool) -> list[list[str]]:
+    """k completions per problem, each with its own seed."""
+    prompts, params = [], []
+    for p in problems:
+        ids = tokenizer.apply_chat([{"role": "user", "content": p.prompt}])
+        for i in range(cfg.k):
+            prompts.append(ids)
+            params.append(SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                                         seed=sample_seed(cfg.seed, p.prompt, i)))
+    outs = generate_completions(model, tokenizer, prompts, params, batch_size=256, progress=progress)
+    return [[text for text, _, _ in outs[j * cfg.k:(j + 1) * cfg.k]] for j in range(len(problems))]
+
+
+def distill(cfg: DistillConfig, student_config: str | None, student_overrides: list[str], quiet: bool = False
+            ) -> dict:
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = load_pretrained(cfg.teacher)
+    if teacher.tokenizer is None:
+        raise ValueError(f"teacher {cfg.teacher} has no tokenizer.json")
+    names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
+    problems = [p for name in names for p in get_task(name).sample(cfg.prompts, "train", seed=cfg.seed,
+                                                                   difficulty=cfg.difficulty)]
+    completions = sample_teacher(teacher.model, teacher.tokenizer, problems, cfg, not quiet)
+    verified = sum(answer_correct(p, parse_completion(t).answer) for p, texts in zip(problems, completions)
+                   for t in texts)
+    kept = select_verified(problems, completions, cfg.per_prompt)
+    if not kept:
+        raise ValueError(f"the teacher {cfg.teacher} got none of {len(problems)} x {cfg.k} samples right: "
+                         f"nothing to distill (more samples, another temperature, or easier tasks)")
+    data = out / "distill.jsonl"
+    with open(data, "w", encoding="utf-8") as f:
+        for p, text in kept:
+            f.write(json.dumps({"messages": [{"role": "user", "content": p.prompt},
+                                             {"role": "assistant", "content": text}]}, ensure_ascii=False) + "\n")
+    shards = out / "shards"
+    stats = prepare([data], teacher.tokenizer, shards, val_fraction=0.05, seed=cfg.seed, progress=not quiet)
+    samples = len(problems) * cfg.k
+    summary = {"teacher": cfg.teacher, "problems": len(problems), "samples": samples, "verified": verified,
+               "acceptance": verified / samples, "kept": len(kept),
+               "problems_covered": len({p.prompt for p, _ in kept}) / len(problems),
+               "tokens": stats["train"]["tokens"] + stats["val"]["tokens"], "config": dataclasses.asdict(cfg)}
+    if not quiet:
+        print(f"distill: {verified} of {samples} teacher samples verified ({verified / samples:.1%}); kept "
+              f"{len(kept)} examples covering {summary['problems_covered']:.1%} of {len(problems)} problems")
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    student = load_train_config(student_config, [*student_overrides, f"data.path={shards}",
+                                                 "data.loss_on=assistant", f"out_dir={out / 'student'}"])
+    result = train_run(student, quiet=quiet)
+    return {"summary": summary, "student": result}

@@ -1,0 +1,51 @@
+import json
+
+import pytest
+
+from nanoseek.cli import main
+from nanoseek.data.tasks import get_task
+from nanoseek.rl import distill as distill_mod
+from nanoseek.rl.distill import DistillConfig, select_verified
+
+
+def test_only_verified_distinct_completions_are_kept():
+    p, q = get_task("add").sample(2, seed=3, difficulty=2, unique=True)
+    right = p.completion
+    wrong = right.replace(f"<answer>{p.answer}</answer>", f"<answer>{int(p.answer) + 1}</answer>")
+    two_answers = right + f"<answer>{p.answer}</answer>"
+    kept = select_verified([p, q], [[wrong, right, right, two_answers], [wrong, "", q.completion]], per_prompt=2)
+    assert kept == [(p, right), (q, q.completion)]
+    assert select_verified([p], [[right, right.replace("<think>", "<think> ")]], per_prompt=1) == [(p, right)]
+
+
+def test_distill_command_trains_a_student_on_verified_samples(tiny_run, tmp_path, monkeypatch, capsys):
+    run, _ = tiny_run
+
+    def teacher(model, tok, problems, cfg, progress):  # half right, half wrong: a stand-in for a good teacher
+        return [[p.completion if i % 2 == 0 else "<think></think><answer>-1</answer>" for i in range(cfg.k)]
+                for p in problems]
+
+    monkeypatch.setattr(distill_mod, "sample_teacher", teacher)
+    out = tmp_path / "distill"
+    args = ["distill", f"distill.teacher={run}", f"distill.out_dir={out}", "distill.tasks=add",
+            "distill.prompts=40", "distill.k=2", "preset=tiny", "steps=3", "batch_size=2", "data.seq_len=32",
+            "eval_every=3", "eval_batches=1", "ckpt_every=3", "--quiet"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"] == 80 and summary["verified"] == 40 and summary["kept"] == 40
+    rows = [json.loads(line) for line in (out / "distill.jsonl").read_text().splitlines()]
+    task = get_task("add")
+    assert all(r["messages"][1]["content"].endswith("</answer>") for r in rows)
+    assert all(task.check(p, p.answer) for p in task.sample(1))
+    assert (out / "student" / "checkpoints" / "latest").is_file()
+    assert "student report" in capsys.readouterr().out
+
+
+def test_distill_with_nothing_verified_says_so(tiny_run, tmp_path, monkeypatch, capsys):
+    run, _ = tiny_run
+    monkeypatch.setattr(distill_mod, "sample_teacher", lambda m, t, problems, cfg, p: [["nope"] * cfg.k] * len(problems))
+    assert main(["distill", f"distill.teacher={run}", f"distill.out_dir={tmp_path}", "distill.prompts=4",
+                 "--quiet"]) == 2
+    assert "got none of 8 x 4 samples right" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="k=0 must be a positive integer"):
+        DistillConfig(k=0)
