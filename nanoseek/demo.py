@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from pathlib import Path
 
+from nanoseek.cost import train_flops_per_token
+from nanoseek.hf import load_pretrained
 from nanoseek.report import write_report
+from nanoseek.rl import loop as rl
 from nanoseek.rl.loop import heldout_eval, load_grpo_config
+from nanoseek.train import loop as pretrain
 from nanoseek.train.checkpoint import latest_checkpoint, read_state
-from nanoseek.train.config import load_train_config
+from nanoseek.train.config import TrainConfig, load_train_config
 
 
 def _finished(run_dir: str) -> bool:
@@ -29,10 +34,6 @@ def _finished(run_dir: str) -> bool:
 
 
 def main(args) -> int:
-    from nanoseek.hf import load_pretrained
-    from nanoseek.rl import loop as rl
-    from nanoseek.train import loop as pretrain
-
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, dict] = {}
@@ -95,15 +96,10 @@ def main(args) -> int:
 
 def _stage_summary(run_dir: str) -> dict:
     """Training seconds and FLOPs of a finished run, from its last checkpoint and metrics."""
-    import os
-
     state = read_state(latest_checkpoint(Path(run_dir)))
     records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
     flops = state.get("flops")
     if flops is None:  # a pretraining run: FLOPs per token x tokens
-        from nanoseek.cost import train_flops_per_token
-        from nanoseek.train.config import TrainConfig
-
         cfg = TrainConfig.from_dict(state["config"])
         tokens = max((r.get("tokens", 0) for r in records), default=0)
         flops = train_flops_per_token(cfg.model, cfg.data.seq_len, mtp=True).total * tokens
