@@ -4,11 +4,11 @@ The engine owns one LatentCache of `max_batch` rows x `max_len` positions (c + r
 nothing else). Running requests hold rows 0..n-1, packed: when one finishes, the last row's cache moves
 into its slot, so every forward works on the view cache[:n] without gathers. Each `step()`:
 
-1. admit: waiting requests join while rows are free (up to `prefill_tokens` prompt tokens per step), prefilled
+1. decode: every running row feeds its newest token at its own position through the weight-absorbed
+   attention path (memory-bound: MQA over the latent cache) and samples the next one.
+2. admit: waiting requests join while rows are free (up to `prefill_tokens` prompt tokens per step), prefilled
    together, right-padded, on the compute-bound path (causal SDPA over expanded K/V, as in training); only the
    last prompt position's logits are computed, and the first token is sampled from them.
-2. decode: every running row feeds its newest token at its own position through the weight-absorbed
-   attention path (memory-bound: MQA over the latent cache) and samples the next one.
 3. finished requests (stop id, stop string, max_tokens, cancelled) leave; their rows are reused.
 
 MTP speculative decoding (paper section 2.2: the MTP module "can be repurposed for speculative decoding"):
