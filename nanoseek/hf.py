@@ -95,3 +95,59 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         raise ValueError(f"{run / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model only "
                          f"{cfg.vocab_size}")
     return Pretrained(model, tokenizer, run.resolve().name, weights)
+
+
+# A Jinja rendering of `render_chat` (nanoseek.data.tokenizer) for `tokenizer.apply_chat_template`
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
+    "{% else %}<|assistant|>{% if m['reasoning'] is defined %}<think>{{ m['reasoning'] }}</think>{% endif %}"
+    "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt and messages[-1]['role'] == 'user' %}<|assistant|>{% endif %}")
+
+
+def export(path: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30) -> Path:
+    """A run / checkpoint / HF directory -> a Hugging Face folder that `AutoModelForCausalLM` and
+    `AutoTokenizer` load: config.json, generation_config.json, safetensors (sharded with an index past
+    max_shard_bytes), tokenizer.json + tokenizer_config.json with the chat template. Router biases are
+    shifted so their minimum is 0 (selection is unchanged: every expert moves by the same amount; older
+    transformers releases assume non-negative biases)."""
+    from safetensors.torch import save_file
+
+    pre = load_pretrained(path)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = pre.model.config
+    tensors = {}
+    for key, t in pre.model.hf_state_dict().items():
+        t = t.detach().contiguous().clone()  # MTP's embedding / head copies must not share storage
+        if key.endswith("e_score_correction_bias"):
+            t = t - t.min().clamp(max=0)
+        tensors[key] = t
+    shards, size = [[]], 0
+    for key, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, keys in zip(names, shards):
+        save_file({k: tensors[k] for k in keys}, out / name, metadata={"format": "pt"})
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                 "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
+    (out / "config.json").write_text(json.dumps({**cfg.to_hf_dict(), "torch_dtype": "float32"}, indent=1))
+    (out / "generation_config.json").write_text(json.dumps(
+        {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}, indent=1))
+    if pre.tokenizer is not None:
+        pre.tokenizer.save(out)
+        from nanoseek.data.tokenizer import BOS, EOS
+
+        (out / "tokenizer_config.json").write_text(json.dumps(
+            {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": BOS, "eos_token": EOS, "pad_token": EOS,
+             "add_bos_token": False, "add_eos_token": False, "model_max_length": cfg.max_position_embeddings,
+             "chat_template": CHAT_TEMPLATE}, indent=1))
+    return out

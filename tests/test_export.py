@@ -1,0 +1,46 @@
+"""nanoseek -> Hugging Face folder -> transformers: same logits, same tokens, same greedy text; and back."""
+
+import json
+
+import pytest
+import torch
+
+from nanoseek.cli import main
+from nanoseek.hf import load_pretrained
+from nanoseek.infer.engine import generate
+from nanoseek.infer.sampling import SamplingParams
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.mark.parametrize("shard_gb", [5.0, 1e-4])
+def test_export_round_trip(tiny_run, tmp_path, shard_gb):
+    run, _ = tiny_run
+    out = tmp_path / "hf"
+    assert main(["export", str(run), str(out), "--max-shard-gb", str(shard_gb)]) == 0
+    ours = load_pretrained(run)
+    biases = [m.gate.e_score_correction_bias for m in ours.model.moe_layers()]
+    assert min(float(b.min()) for b in biases) < 0  # trained biases go negative; the export shifts them
+    exported = load_pretrained(out).model.moe_layers()
+    assert min(float(m.gate.e_score_correction_bias.min()) for m in exported) >= 0
+    ref = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32,
+                                                            attn_implementation="eager").eval()
+    ids = torch.randint(0, ours.model.config.vocab_size, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(ref(ids).logits, ours.model(ids).logits, atol=1e-4, rtol=0)
+    if shard_gb < 1:
+        assert json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    # tokenizer and chat template
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    text = "12+34= <think>a</think> 二加二 🎉"
+    assert tok(text, add_special_tokens=False)["input_ids"] == ours.tokenizer.encode(text)
+    messages = [{"role": "user", "content": "47+38="}]
+    chat = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    assert chat == ours.tokenizer.apply_chat(messages)
+    # transformers' greedy generate = ours
+    want = generate(ours.model, [chat], SamplingParams(max_tokens=12))[0]
+    got = ref.generate(torch.tensor([chat]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(chat):]
+    assert got.tolist() == want
+    # and back into nanoseek
+    back = load_pretrained(out)
+    torch.testing.assert_close(back.model(ids).logits, ours.model(ids).logits, atol=1e-5, rtol=0)
