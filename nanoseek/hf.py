@@ -46,7 +46,10 @@ def _weights(directory: Path) -> dict[str, torch.Tensor]:
     for name in files:
         file = directory / name
         if not file.is_file():
-            raise ValueError(f"{directory} has no {name} (expected safetensors weights)")
+            pickles = sorted(p.name for p in directory.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".pkl"))
+            hint = (f"; it holds {pickles}, pickle checkpoints, which nanoseek never loads (convert them to "
+                    f"safetensors)" if pickles else "")
+            raise ValueError(f"{directory} has no {name} (expected safetensors weights){hint}")
         try:
             tensors.update(load_file(file))
         except (SafetensorError, OSError) as e:
@@ -84,9 +87,13 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
                     ) -> Pretrained:
     """Load a model (and its tokenizer, when the directory has one) ready for inference."""
     run, weights, cfg = locate(path)
+    tensors = _weights(weights)
+    if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{cfg.num_hidden_layers}.")
+                                                for k in tensors):
+        cfg = cfg.replace(num_nextn_predict_layers=0)  # saved by transformers, which has no MTP module
     model = Transformer(cfg)
     try:
-        model.load_hf_state_dict(_weights(weights))
+        model.load_hf_state_dict(tensors)
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from None
     model = model.to(device=device, dtype=dtype).eval()

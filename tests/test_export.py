@@ -44,3 +44,34 @@ def test_export_round_trip(tiny_run, tmp_path, shard_gb):
     # and back into nanoseek
     back = load_pretrained(out)
     torch.testing.assert_close(back.model(ids).logits, ours.model(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_a_checkpoint_saved_by_transformers_loads(tmp_path):
+    from nanoseek import ModelConfig
+
+    cfg = ModelConfig.preset("tiny")
+    torch.manual_seed(0)
+    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf_dict())).eval()
+    with torch.no_grad():
+        for name, buf in hf.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                buf.normal_(0, 0.05)
+    hf.save_pretrained(tmp_path)
+    ours = load_pretrained(tmp_path).model
+    assert ours.config.num_nextn_predict_layers == 0  # transformers keeps no MTP module
+    ids = torch.randint(0, cfg.vocab_size, (2, 30))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_bad_folders_get_clear_errors(tmp_path, tiny_run):
+    run, _ = tiny_run
+    out = tmp_path / "hf"
+    main(["export", str(run), str(out)])
+    (out / "model.safetensors").rename(out / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pickle checkpoints, which nanoseek never loads"):
+        load_pretrained(out)
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
+    with pytest.raises(ValueError, match="model_type='llama' is not a DeepSeek model"):
+        load_pretrained(out)
