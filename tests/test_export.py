@@ -46,12 +46,18 @@ def test_export_round_trip(tiny_run, tmp_path, shard_gb):
     torch.testing.assert_close(back.model(ids).logits, ours.model(ids).logits, atol=1e-5, rtol=0)
 
 
-def test_a_checkpoint_saved_by_transformers_loads(tmp_path):
+V2_LITE_SHAPED = dict(model_type="deepseek_v2", q_lora_rank=None, topk_method="greedy", scoring_func="softmax",
+                      norm_topk_prob=False, routed_scaling_factor=1.0, n_group=1, topk_group=1)
+
+
+@pytest.mark.parametrize("arch, overrides", [("DeepseekV3", {}), ("DeepseekV2", V2_LITE_SHAPED)])
+def test_a_checkpoint_saved_by_transformers_loads(tmp_path, arch, overrides):
     from nanoseek import ModelConfig
 
-    cfg = ModelConfig.preset("tiny")
+    cfg = ModelConfig.preset("tiny", **overrides)
     torch.manual_seed(0)
-    hf = transformers.DeepseekV3ForCausalLM(transformers.DeepseekV3Config(**cfg.to_hf_dict())).eval()
+    hf_cfg = getattr(transformers, f"{arch}Config")(**cfg.to_hf_dict())
+    hf = getattr(transformers, f"{arch}ForCausalLM")(hf_cfg).eval()
     with torch.no_grad():
         for name, buf in hf.named_buffers():
             if name.endswith("e_score_correction_bias"):
@@ -59,6 +65,7 @@ def test_a_checkpoint_saved_by_transformers_loads(tmp_path):
     hf.save_pretrained(tmp_path)
     ours = load_pretrained(tmp_path).model
     assert ours.config.num_nextn_predict_layers == 0  # transformers keeps no MTP module
+    assert ours.config.model_type == cfg.model_type
     ids = torch.randint(0, cfg.vocab_size, (2, 30))
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, hf(ids).logits, atol=1e-4, rtol=0)
