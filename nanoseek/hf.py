@@ -4,6 +4,7 @@ directory (config.json with `model_type` + safetensors, single file or sharded w
     run dir:        config.json (run config, "model" table) + tokenizer.json + checkpoints/latest -> step_N/
     checkpoint dir: model.safetensors + state.json (the run dir is two levels up)
     HF dir:         config.json (DeepseekV3Config fields) + model.safetensors[.index.json] [+ tokenizer.json]
+                    FP8 weights in V3's format (e4m3 + `weight_scale_inv` per 128x128 block) are dequantized
 
 Only safetensors and JSON are read (never pickles).
 """
@@ -21,6 +22,7 @@ from safetensors.torch import load_file
 from nanoseek.config import ModelConfig
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model import Transformer
+from nanoseek.model.fp8 import dequantize_checkpoint
 from nanoseek.train.checkpoint import latest_checkpoint
 
 
@@ -87,7 +89,14 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
                     ) -> Pretrained:
     """Load a model (and its tokenizer, when the directory has one) ready for inference."""
     run, weights, cfg = locate(path)
-    tensors = _weights(weights)
+    quant = _read_json(run / "config.json").get("quantization_config") or {}
+    block = quant.get("weight_block_size", [128, 128])
+    if quant and (quant.get("quant_method") != "fp8" or block[0] != block[1]):
+        raise ValueError(f"{run / 'config.json'}: quantization_config {quant} is not DeepSeek's blockwise FP8")
+    try:
+        tensors = dequantize_checkpoint(_weights(weights), block[0])  # FP8 weights (V3's format) -> fp32
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
     if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{cfg.num_hidden_layers}.")
                                                 for k in tensors):
         cfg = cfg.replace(num_nextn_predict_layers=0)  # saved by transformers, which has no MTP module
