@@ -233,7 +233,7 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """A run or checkpoint as a Hugging Face folder (nanoseek/hf.py)."""
+    """A run, checkpoint or DeepSeek folder (FP8 dequantized) as a plain Hugging Face folder (nanoseek/hf.py)."""
     from nanoseek.hf import export
 
     out = export(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
@@ -363,11 +363,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--student-config", help="a TOML run file for the student (default: TrainConfig defaults)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_distill)
-    p = sub.add_parser("export", help="a run or checkpoint as a Hugging Face folder (transformers loads it)")
-    p.add_argument("checkpoint", help="a run directory, a checkpoint, or an HF model directory")
-    p.add_argument("out", help="the folder to write")
-    p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
-    p.set_defaults(func=cmd_export)
+    for name, text in (("export", "a run or checkpoint as a Hugging Face folder (transformers loads it)"),
+                       ("import", "a DeepSeek-V3/V2 Hugging Face folder (FP8 dequantized) as a plain fp32 one")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("checkpoint", help="a run directory, a checkpoint, or an HF model directory")
+        p.add_argument("out", help="the folder to write")
+        p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
+        p.set_defaults(func=cmd_export)
     p = sub.add_parser("demo", help="the R1 story on the built-in data: pretrain, GRPO, SFT control, report")
     p.add_argument("--pretrain-config", default="configs/nano.toml")
     p.add_argument("--grpo-config", default="configs/grpo.toml")

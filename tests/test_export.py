@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from nanoseek import Transformer
 from nanoseek.cli import main
 from nanoseek.hf import load_pretrained
 from nanoseek.infer.engine import generate
@@ -42,8 +43,8 @@ def test_export_round_trip(tiny_run, tmp_path, shard_gb):
     got = ref.generate(torch.tensor([chat]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(chat):]
     assert got.tolist() == want
     # and back into nanoseek
-    back = load_pretrained(out)
-    torch.testing.assert_close(back.model(ids).logits, ours.model(ids).logits, atol=1e-5, rtol=0)
+    back = Transformer.from_pretrained(out)
+    torch.testing.assert_close(back(ids).logits, ours.model(ids).logits, atol=1e-5, rtol=0)
 
 
 V2_LITE_SHAPED = dict(model_type="deepseek_v2", q_lora_rank=None, topk_method="greedy", scoring_func="softmax",
@@ -81,4 +82,24 @@ def test_bad_folders_get_clear_errors(tmp_path, tiny_run):
     cfg = json.loads((out / "config.json").read_text())
     (out / "config.json").write_text(json.dumps({**cfg, "model_type": "llama"}))
     with pytest.raises(ValueError, match="model_type='llama' is not a DeepSeek model"):
+        load_pretrained(out)
+
+
+def test_an_exported_folder_fine_tunes_and_a_missing_shard_is_named(tiny_run, shard_dir, tmp_path):
+    from nanoseek.train.config import load_train_config
+    from nanoseek.train.loop import resolve_data, train
+
+    run, _ = tiny_run
+    out = tmp_path / "hf"
+    main(["export", str(run), str(out), "--max-shard-gb", "1e-4"])
+    cfg = load_train_config(None, [f"init={out}", f"data.path={shard_dir}", f"out_dir={tmp_path / 'sft'}",
+                                   "data.loss_on=assistant", "steps=2", "batch_size=2", "data.seq_len=32",
+                                   "eval_every=2", "eval_batches=1", "ckpt_every=2"])
+    cfg, shards, _ = resolve_data(cfg)
+    train(cfg, shards, quiet=True)  # nanoseek sft from a Hugging Face folder
+    assert load_pretrained(tmp_path / "sft").model.config == load_pretrained(out).model.config
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    missing = sorted(set(index["weight_map"].values()))[1]
+    (out / missing).unlink()
+    with pytest.raises(ValueError, match=f"has no {missing}"):
         load_pretrained(out)

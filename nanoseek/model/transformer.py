@@ -167,6 +167,15 @@ class Transformer(nn.Module):
         return self._head(h if logits_at is None else _take(h, logits_at))
 
     # ------------------------------------------------------------------ Hugging Face names (spec section 10)
+    @classmethod
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> Transformer:
+        """A Hugging Face-format DeepSeek-V3 / V2 folder (safetensors, sharded or FP8), a nanoseek run or a
+        checkpoint: nanoseek.hf.load_pretrained without the tokenizer."""
+        from nanoseek.hf import load_pretrained  # hf builds on the model: imported on use, not at import
+
+        return load_pretrained(path, device=device, dtype=dtype).model
+
+
     def hf_state_dict(self, mtp_copies: bool = True) -> dict[str, torch.Tensor]:
         """State dict under DeepseekV3ForCausalLM names, one key set per routed expert, MTP depth k at layer
         index num_hidden_layers + k - 1 with (if mtp_copies) its copies of the embedding and head, as in the

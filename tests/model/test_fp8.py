@@ -49,6 +49,10 @@ def test_an_fp8_checkpoint_in_v3_format_loads_dequantized(tiny_run, tmp_path):
                       dequantize_blockwise(*quantize_blockwise(e[I:], block=16), block=16)])
     assert torch.equal(loaded.layers[1].mlp.experts.gate_up_proj[3], want)
     assert torch.equal(loaded.embed_tokens.weight, ours.embed_tokens.weight)  # not quantized
+    plain = tmp_path / "plain"  # `nanoseek import`: the FP8 folder as a dequantized fp32 one
+    assert main(["import", str(hf), str(plain)]) == 0
+    assert "quantization_config" not in json.loads((plain / "config.json").read_text())
+    assert torch.equal(load_pretrained(plain).model.layers[0].self_attn.q_a_proj.weight, w8)
     bad = tmp_path / "bad"
     shutil.copytree(hf, bad)
     (bad / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
