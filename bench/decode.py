@@ -1,7 +1,9 @@
 """Decode benchmark: the nanoseek inference engine vs transformers' DeepseekV3ForCausalLM.generate.
 
-    .venv/bin/python bench/decode.py            # full run (~4 min on 2 cores)
-    .venv/bin/python bench/decode.py --quick    # smoke run (fewer tokens and repetitions)
+    .venv/bin/python bench/decode.py                      # full run (~3-4 min on 2 idle cores)
+    .venv/bin/python bench/decode.py --wait-idle 600      # the same, waiting out other processes first
+    .venv/bin/python bench/decode.py --quick              # smoke run (fewer tokens and repetitions)
+    flags: --skip-hf, --checkpoint PATH (MTP section), --json FILE, --profile (op table, b=16 breakdown), --no-big
 
 Targets: /work/shared/docs/perf-notes.md section 3 (D1-D4, K1, R1, S1). Setup: `small` preset, random init,
 fp32, one set of weights in both frameworks (nanoseek `Transformer` -> its state dict under transformers-5 names,
@@ -17,21 +19,23 @@ Method (prompts are random ids in the vocab, all rows of a batch the same length
   set-up, the prefill forward); decode = call N - call 0 (N forwards, each with generate's per-token work).
 - tok/s = b*N / decode seconds and b*P / prefill seconds. One untimed warm-up per shape, then `reps`
   repetitions interleaved (nanoseek, transformers, nanoseek, ...); medians of the per-repetition rates.
+- b=16, P=1024: the prefill alone takes 10-20 s per framework, so this shape runs once per framework, each in a
+  fresh subprocess (transformers with its own random init: same init distribution, another draw) after a warm-up
+  at P=16; the same run gives the peak memory: the peak is reset after the build and the warm-up
+  (`/proc/self/clear_refs` = 5), and RSS after the build and VmHWM (peak RSS) during the generation are reported.
 - cache bytes/token: nanoseek `engine.cache` (main layers and the MTP layer apart) vs (r_kv + d_r) * L * 4;
   transformers: the bytes of every tensor in the DynamicCache returned by generate, / (b * cached length).
-- peak memory: a fresh subprocess per framework builds its model (transformers: random init, its own), then
-  resets the peak (`/proc/self/clear_refs` = 5) and runs one b=16, P=1024 generation; reported: RSS after the
-  build and VmHWM (peak RSS) during the generation.
 - MTP speculative decoding: the trained checkpoint (`--checkpoint`, nano preset, one MTP module), greedy chat
   completions of held-out problems (up to the end-of-text id or 96 tokens) at batch 1 (one request at a time)
   and batch 16, speculative=False vs True, interleaved; decode tok/s counts the tokens after the first, over
   the steps after the prefill. Also `small` random init at b=1, P=128 (acceptance ~0: the cost of a useless
   draft).
-- where the time goes: module hooks and wrappers around one b=1, P=128 decode step (`--profile` adds the
-  torch.profiler op table).
-Timings on a shared 2-vCPU host are noisy (+-10-15 %); an other process at full load can make 2-thread OpenMP
-runs several times slower. The script prints how many cores other processes kept busy at the start and on average
-during the run (from /proc/stat minus its own CPU time); `--wait-idle S` first waits for an idle machine.
+- where the time goes: module hooks and wrappers around a b=1, P=128 decode step (`--profile` adds the
+  torch.profiler op table and the same breakdown at b=16).
+Timings on a shared 2-vCPU host are noisy (+-10-15 %), and a process of someone else at full load on one core makes
+2-thread OpenMP runs up to ~30x slower. Each timed section records the cores other processes used meanwhile
+(/proc/stat minus this process's CPU time); with `--wait-idle S` the script waits (up to S s) for an idle machine
+before each section and repeats a disturbed one (> 0.25 cores elsewhere), up to twice.
 """
 
 from __future__ import annotations
@@ -50,14 +54,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from nanoseek import ModelConfig, Transformer
+from nanoseek.cost import measure_gemm_peak
+from nanoseek.infer import engine as engine_mod
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
 
-from nanoseek import ModelConfig, Transformer  # noqa: E402
-from nanoseek.cost import measure_gemm_peak  # noqa: E402
-from nanoseek.infer import engine as engine_mod  # noqa: E402
-from nanoseek.infer.engine import Engine  # noqa: E402
-from nanoseek.infer.sampling import SamplingParams  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 # (batch, prompt, decoded tokens, repetitions) for the full and the quick run, timed in this process
 SHAPES = {False: [(1, 128, 48, 5), (1, 1024, 48, 3), (16, 128, 32, 3)],
@@ -420,8 +423,7 @@ def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P
     cache write, the expert GEMMs and sampling (each timer costs ~1 us; CPU ops are synchronous)."""
     from nanoseek.model.block import Block
     from nanoseek.model.mla import MLA, LatentCache
-    from nanoseek.model.moe import MLP, Experts, Gate, MoE
-    from nanoseek.model.norm import RMSNorm
+    from nanoseek.model.moe import MLP, Experts, MoE
 
     acc = collections.defaultdict(float)
     handles, patches = [], []
@@ -483,7 +485,6 @@ def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P
         w = timed(key, fn)
         setattr(owner, name, staticmethod(w) if static else w)
         patches.append((owner, name, orig))
-    _ = (Gate, RMSNorm)
     try:
         engine = Engine(ours, max_batch=batch, max_len=P + steps + 16, prefill_tokens=batch * P)
         prompts = torch.randint(0, cfg.vocab_size, (batch, P), generator=torch.Generator().manual_seed(4)).tolist()
@@ -585,7 +586,7 @@ def main():
                     help="also print the torch.profiler op table of a b=1 step and the breakdown of a b=16 step")
     ap.add_argument("--no-big", action="store_true", help="skip the b=16, P=1024 shape (and the peak-RSS numbers)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="first wait up to S seconds for other processes to leave the CPUs")
+                    help="before each timed section wait up to S s for an idle machine; redo disturbed sections")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mem-shape", default="16,1024,8", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -756,8 +757,10 @@ def main():
     results["wall_s"] = wall = time.perf_counter() - t_all
     other = max(0.0, (_cpu_busy_s() - cpu0) - (_own_cpu_s() - own0)) / wall
     results["other_cores_busy_during_run"] = other
-    log(f"\ntotal {wall:.0f} s; other processes kept {other:.2f} cores busy on average during the run"
-        + (" (timings disturbed: rerun on an idle machine, e.g. with --wait-idle 600)" if other > 0.2 else ""))
+    worst = max(guard.record.items(), key=lambda kv: kv[1], default=("-", 0.0))
+    log(f"\ntotal {wall:.0f} s (waits included); other processes kept {other:.2f} cores busy on average, at most "
+        f"{worst[1]:.2f} during a timed section ({worst[0]})"
+        + (" -> timings disturbed: rerun on an idle machine, e.g. with --wait-idle 600" if worst[1] > 0.25 else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
         log(f"wrote {args.json}")
