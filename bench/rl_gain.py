@@ -20,15 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from nanoseek.rl.loop import load_grpo_config, run_grpo  # noqa: E402
-from nanoseek.train.checkpoint import latest_checkpoint, read_state  # noqa: E402
+from nanoseek.demo import finished  # noqa: E402
+from nanoseek.train.checkpoint import latest_checkpoint  # noqa: E402
 
 
 def one_seed(config: str, init: str, seed: int, overrides: list[str]) -> dict:
     out = ROOT / "runs" / "rl_gain" / f"seed{seed}"
     cfg = load_grpo_config(config, [*overrides, f"seed={seed}", f"init={init}", f"out_dir={out}"])
-    ckpt = latest_checkpoint(out)
-    if ckpt is None or not read_state(ckpt).get("finished"):
-        run_grpo(cfg, resume=ckpt is not None, quiet=True)
+    if not finished(out):
+        run_grpo(cfg, resume=latest_checkpoint(out) is not None, quiet=True)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r["eval"] for r in records if "eval" in r]
     steps = [r for r in records if "reward" in r]

@@ -122,15 +122,9 @@ def cmd_train(args) -> int:
 
 def _pretrained(args):
     """The model directory (run, checkpoint or HF format) on --device in --dtype, with its tokenizer."""
-    import torch
-
     from nanoseek.hf import load_pretrained
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pre = load_pretrained(args.checkpoint, device=device, dtype=getattr(torch, args.dtype))
-    if pre.tokenizer is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer.json: text generation needs one")
-    return pre
+    return load_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, needs_tokenizer="text generation")
 
 
 def _engine(args):
@@ -281,20 +275,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-forward", action="store_true", help="only count (for presets too large to allocate)")
     p.set_defaults(func=cmd_model)
-    p = sub.add_parser("train", help="pretrain a model (built-in corpus by default); --resume continues a run")
-    p.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value (dotted: optim.lr=1e-3)")
-    p.add_argument("--config", help="a TOML run file (configs/*.toml)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems to score at the end (0: off)")
-    p.set_defaults(func=cmd_train)
-    p = sub.add_parser("sft", help="supervised fine-tuning: train from init=DIR, loss on assistant turns only")
-    p.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value (init=runs/nano, data.path=...)")
-    p.add_argument("--config", help="a TOML run file (configs/sft.toml)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems to score at the end (0: off)")
-    p.set_defaults(func=cmd_train)
+    for name, text, example in (
+            ("train", "pretrain a model (built-in corpus by default); --resume continues a run", "configs/*.toml"),
+            ("sft", "supervised fine-tuning: train from init=DIR, loss on assistant turns only", "configs/sft.toml")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value (dotted: optim.lr=1e-3, "
+                                                    "init=runs/nano, data.path=...)")
+        p.add_argument("--config", help=f"a TOML run file ({example})")
+        p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+        p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+        p.add_argument("--eval-problems", type=int, default=200,
+                       help="held-out problems to score at the end (0: off)")
+        p.set_defaults(func=cmd_train)
     p = sub.add_parser("cost", help="parameters, FLOPs/token, cache bytes, MFU, GPU-hours and dollars")
     p.add_argument("overrides", nargs="*", help="ModelConfig fields as key=value (with --preset or --config)")
     p.add_argument("--preset", help=f"one of {', '.join(sorted(PRESETS))}")

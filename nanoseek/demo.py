@@ -28,7 +28,8 @@ from nanoseek.train.checkpoint import latest_checkpoint, read_state
 from nanoseek.train.config import TrainConfig, load_train_config
 
 
-def _finished(run_dir: str) -> bool:
+def finished(run_dir: str | Path) -> bool:
+    """Whether the run's last checkpoint marks it finished (its last step, or its time limit)."""
     ckpt = latest_checkpoint(Path(run_dir))
     return ckpt is not None and read_state(ckpt).get("finished", False)
 
@@ -40,13 +41,13 @@ def main(args) -> int:
     t0 = time.perf_counter()
 
     base_cfg = load_train_config(args.pretrain_config, [])
-    if not _finished(base_cfg.out_dir):
+    if not finished(base_cfg.out_dir):
         print(f"== 1/3 pretraining ({args.pretrain_config} -> {base_cfg.out_dir})")
         pretrain.run(base_cfg, resume=latest_checkpoint(Path(base_cfg.out_dir)) is not None, quiet=args.quiet)
     stages["pretrain"] = _stage_summary(base_cfg.out_dir)
 
     grpo_cfg = load_grpo_config(args.grpo_config, [f"init={base_cfg.out_dir}"])
-    if not _finished(grpo_cfg.out_dir):
+    if not finished(grpo_cfg.out_dir):
         print(f"== 2/3 GRPO ({args.grpo_config} -> {grpo_cfg.out_dir})")
         rl.run(grpo_cfg, resume=latest_checkpoint(Path(grpo_cfg.out_dir)) is not None, quiet=args.quiet)
     stages["grpo"] = _stage_summary(grpo_cfg.out_dir)
@@ -54,7 +55,7 @@ def main(args) -> int:
     seconds = stages["grpo"]["train seconds"]
     sft_cfg = load_train_config(args.sft_config, [f"init={base_cfg.out_dir}", f"time_limit={seconds}"])
     sft_cfg = dataclasses.replace(sft_cfg, data=dataclasses.replace(base_cfg.data, loss_on="assistant"))
-    if not _finished(sft_cfg.out_dir):
+    if not finished(sft_cfg.out_dir):
         print(f"== 3/3 control: SFT for the same {seconds:.0f} s ({args.sft_config} -> {sft_cfg.out_dir})")
         pretrain.run(sft_cfg, resume=latest_checkpoint(Path(sft_cfg.out_dir)) is not None, quiet=args.quiet)
     stages["sft control"] = _stage_summary(sft_cfg.out_dir)

@@ -85,9 +85,13 @@ def locate(path: str | Path) -> tuple[Path, Path, ModelConfig]:
     return run, weights, cfg
 
 
-def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-                    ) -> Pretrained:
-    """Load a model (and its tokenizer, when the directory has one) ready for inference."""
+def load_pretrained(path: str | Path, device: str | torch.device | None = "cpu",
+                    dtype: torch.dtype | str = torch.float32, needs_tokenizer: str | None = None) -> Pretrained:
+    """Load a model (and its tokenizer, when the directory has one) ready for inference. device None: cuda
+    when available, else cpu; dtype may be a name ("bfloat16"); needs_tokenizer names the use that
+    requires a tokenizer.json (an error otherwise)."""
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     run, weights, cfg = locate(path)
     quant = _read_json(run / "config.json").get("quantization_config") or {}
     block = quant.get("weight_block_size", [128, 128])
@@ -107,6 +111,8 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         raise ValueError(f"{weights}: {e}") from None
     model = model.to(device=device, dtype=dtype).eval()
     tokenizer = Tokenizer.load(run) if (run / "tokenizer.json").is_file() else None
+    if tokenizer is None and needs_tokenizer:
+        raise ValueError(f"{path} has no tokenizer.json: {needs_tokenizer} needs one")
     if tokenizer is not None and tokenizer.vocab_size > cfg.vocab_size:
         raise ValueError(f"{run / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model only "
                          f"{cfg.vocab_size}")

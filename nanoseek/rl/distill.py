@@ -82,9 +82,7 @@ def distill(cfg: DistillConfig, student_config: str | None, student_overrides: l
             ) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = load_pretrained(cfg.teacher)
-    if teacher.tokenizer is None:
-        raise ValueError(f"teacher {cfg.teacher} has no tokenizer.json")
+    teacher = load_pretrained(cfg.teacher, needs_tokenizer="the teacher")
     names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     problems = [p for name in names for p in get_task(name).sample(cfg.prompts, "train", seed=cfg.seed,
                                                                    difficulty=cfg.difficulty)]

@@ -278,15 +278,10 @@ def load_problems(task_names: Sequence[str], n: int, seed: int) -> tuple[list[Pr
 def main(args) -> int:
     """`nanoseek eval CHECKPOINT [--task ...] [--n] [--k] [--temperature] [--top-p] [--max-tokens] [--seed]
     [--out FILE.json]`: print the table, write the JSON report."""
-    import torch
-
     from nanoseek.hf import load_pretrained
 
     problems, tasks = load_problems(args.task, args.n, args.seed)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pre = load_pretrained(args.checkpoint, device=device, dtype=getattr(torch, args.dtype))
-    if pre.tokenizer is None:
-        raise ValueError(f"{args.checkpoint} has no tokenizer.json: evaluation needs one")
+    pre = load_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, needs_tokenizer="evaluation")
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)  # validate early
     result = evaluate(pre.model, pre.tokenizer, problems, k=args.k, temperature=args.temperature, top_p=args.top_p,
                       max_tokens=args.max_tokens, seed=args.seed, batch_size=args.max_batch,

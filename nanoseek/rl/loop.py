@@ -167,10 +167,8 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> dict
         raise ValueError(f"{run} already holds a run (last checkpoint {ckpt.name}); pass --resume to continue it, "
                          f"or choose another out_dir")
     device = resolve_device(cfg.device)
-    pre = load_pretrained(cfg.init, device=device)
+    pre = load_pretrained(cfg.init, device=device, needs_tokenizer="RL (to build prompts)")
     model, tok = pre.model, pre.tokenizer
-    if tok is None:
-        raise ValueError(f"init={cfg.init} has no tokenizer.json: RL needs the tokenizer to build prompts")
     rewards = Rewards({"accuracy": cfg.accuracy_weight, "format": cfg.format_weight},
                       [f for f in cfg.reward_fns.split(",") if f.strip()])
     torch.manual_seed(cfg.seed)
