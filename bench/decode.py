@@ -7,7 +7,7 @@
 
 Targets: /work/shared/docs/perf-notes.md section 3 (D1-D4, K1, R1, S1). Setup: `small` preset, random init,
 fp32, one set of weights in both frameworks (nanoseek `Transformer` -> its state dict under transformers-5 names,
-the stacked experts as they are; MTP is not loaded into transformers, which has none), 2 threads.
+the stacked experts as they are; MTP is not loaded into transformers, which has none), 2 threads (`--threads`).
 
 Method (prompts are random ids in the vocab, all rows of a batch the same length, so no padding):
 - nanoseek: one `Engine(max_batch=b, prefill_tokens=b*P)` per shape (all b prompts are prefilled in one step),
@@ -300,7 +300,6 @@ def _status_kib(key: str) -> int:
 
 def memory_child(kind: str, b: int, P: int, n: int) -> None:
     """One framework in a fresh process: build, warm up at (b, 16), reset the peak, time one (b, P, n) run."""
-    torch.set_num_threads(2)
     cfg = small_config()
     prompts = torch.randint(0, cfg.vocab_size, (b, P), generator=torch.Generator().manual_seed(3))
     warm = prompts[:, :16]
@@ -325,7 +324,7 @@ def memory_child(kind: str, b: int, P: int, n: int) -> None:
 
 def memory(kind: str, b: int, P: int, n: int) -> dict:
     code = (f"import runpy, sys; sys.argv = ['decode.py', '--memory-child', {kind!r}, '--mem-shape', "
-            f"'{b},{P},{n}']; runpy.run_path({__file__!r}, run_name='__main__')")
+            f"'{b},{P},{n}', '--threads', '{torch.get_num_threads()}']; runpy.run_path({__file__!r}, run_name='__main__')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory subprocess ({kind}) failed:\n{out.stderr[-2000:]}")
@@ -587,10 +586,11 @@ def main():
     ap.add_argument("--no-big", action="store_true", help="skip the b=16, P=1024 shape (and the peak-RSS numbers)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each timed section wait up to S s for an idle machine; redo disturbed sections")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads for both frameworks (default 2)")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mem-shape", default="16,1024,8", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args.memory_child, *map(int, args.mem_shape.split(",")))
         return
@@ -646,7 +646,7 @@ def main():
     def get(b, P):
         return next((r for r in rows if r["batch"] == b and r["prompt"] == P), None)
 
-    log("\n## Decode (tok/s, small preset, fp32, 2 threads)\n")
+    log(f"\n## Decode (tok/s, small preset, fp32, {torch.get_num_threads()} threads)\n")
     log("| batch | prompt | new tok | nanoseek tok/s | ms/step | transformers tok/s | ms/step | ratio | HF anchor |"
         " target | | others busy |")
     log("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|")

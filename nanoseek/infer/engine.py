@@ -28,8 +28,9 @@ from collections import deque
 from dataclasses import dataclass, field, replace
 
 import torch
+import torch.nn.functional as F
 
-from nanoseek.infer.sampling import SamplingParams, accept, distributions, draw, sample
+from nanoseek.infer.sampling import SamplingParams, propose, sample, verify
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
 
@@ -164,15 +165,15 @@ class Engine:
         if self.speculative:  # MTP over the prompt: position i sees token i + 1 (the first new one at the end)
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
             nxt[torch.arange(k), lens - 1] = first
-            q = distributions(self.model.draft(out.hidden, nxt, positions, cache, (lens - 1)[:, None])[:, 0], params)
-            drafts = draw(q, params, gens)
+            drafts, q = propose(self.model.draft(out.hidden, nxt, positions, cache, (lens - 1)[:, None])[:, 0],
+                                params, gens)
         self.running.extend(new)
         self.stats["prefill_tokens"] += int(lens.sum())
         updates = []
         for i, r in enumerate(new):
             r.pos, r.last = len(r.prompt), int(first[i])
             if self.speculative:
-                r.draft, r.draft_q = int(drafts[i]), q[i]
+                r.draft, r.draft_q = int(drafts[i]), None if q is None else q[i]
             updates.append(self._emit(r, [r.last]))
         return updates
 
@@ -195,22 +196,29 @@ class Engine:
         pos = torch.tensor([[r.pos, r.pos + 1] for r in rows], device=self.device)
         cache = self.cache.view(slice(0, n))
         out = self.model(ids, pos, cache, mtp=False)  # verify: logits at p predict p + 1, at p + 1 predict p + 2
-        p1 = distributions(out.logits[:, 0], params)
         drafts = torch.tensor([r.draft for r in rows], device=self.device)
-        ok, t1 = accept(p1, torch.stack([r.draft_q for r in rows]), drafts, params, gens)
+        ok, t1 = verify(out.logits[:, 0], drafts, self._draft_q(rows), params, gens)
         t2 = sample(out.logits[:, 1], params, gens)
         nxt = torch.stack([t1, torch.where(ok, t2, t1)], dim=1)  # tokens at p + 1, p + 2 (the latter if accepted)
-        q = distributions(self.model.draft(out.hidden, nxt, pos, cache, ok.long()[:, None])[:, 0], params)
-        new_drafts = draw(q, params, gens)
+        new_drafts, q = propose(self.model.draft(out.hidden, nxt, pos, cache, ok.long()[:, None])[:, 0], params, gens)
         self.stats["drafted"] += n
         self.stats["accepted"] += int(ok.sum())
         updates = []
         for i, r in enumerate(rows):
             toks = [int(t1[i]), int(t2[i])] if ok[i] else [int(t1[i])]
             r.pos, r.last = r.pos + len(toks), toks[-1]
-            r.draft, r.draft_q = int(new_drafts[i]), q[i]
+            r.draft, r.draft_q = int(new_drafts[i]), None if q is None else q[i]
             updates.append(self._emit(r, toks))
         return updates
+
+    def _draft_q(self, rows: list[Request]) -> torch.Tensor | None:
+        """The rows' draft distributions (b, V); None when every row drafted greedily (one-hot q, never built;
+        a sampled request always has its q)."""
+        if all(r.draft_q is None for r in rows):
+            return None
+        V = self.model.config.vocab_size
+        return torch.stack([r.draft_q if r.draft_q is not None else
+                            F.one_hot(torch.tensor(r.draft, device=self.device), V).float() for r in rows])
 
     # ------------------------------------------------------------------ bookkeeping
     def _emit(self, r: Request, toks: list[int]) -> Update:

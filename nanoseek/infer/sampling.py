@@ -89,7 +89,27 @@ def draw(probs: torch.Tensor, params: list[SamplingParams], generators: list[tor
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
            ) -> torch.Tensor:
     """logits (b, V) -> token ids (b,)."""
-    return draw(distributions(logits, params), params, generators)
+    return propose(logits, params, generators)[0]
+
+
+def propose(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
+            ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Tokens (b,) drawn from logits (b, V) and their distributions q (b, V); q is None when every row is
+    greedy (each q is then the one-hot of its token, never built)."""
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1), None
+    q = distributions(logits, params)
+    return draw(q, params, generators), q
+
+
+def verify(logits: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None, params: list[SamplingParams],
+           generators: list[torch.Generator | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """`accept` on the target's logits (b, V). q None (every row greedy, one-hot drafts from `propose`): the
+    draft is accepted iff it is the argmax, and the token is the argmax."""
+    if q is None:
+        token = logits.argmax(dim=-1)
+        return token == draft, token
+    return accept(distributions(logits, params), q, draft, params, generators)
 
 
 def accept(p: torch.Tensor, q: torch.Tensor, draft: torch.Tensor, params: list[SamplingParams],

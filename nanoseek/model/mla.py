@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.linear import Linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
 
@@ -51,7 +52,8 @@ class LatentCache:
             buf[dst, :length] = buf[src, :length]
 
     def begin(self, positions: torch.Tensor) -> None:
-        """positions (b, s) long. Sets the key length t and the mask (b, s, t): key slot <= query position.
+        """positions (b, s) long. Sets the key length t and the mask (b, s, t): key slot <= query position
+        (`decode_mask`: the same, or None where it is all true).
         `fresh`: every row holds positions 0..s-1, so attention is plain causal over the new tokens."""
         top = int(positions.max()) + 1
         if int(positions.min()) < 0 or top > self.max_len:
@@ -61,6 +63,7 @@ class LatentCache:
         self.positions, self.length = positions, top
         self.fresh = s == top and s > 1 and bool((positions == torch.arange(s, device=positions.device)).all())
         self.mask = torch.arange(top, device=positions.device) <= positions[:, :, None]
+        self.decode_mask = None if bool(self.mask.all()) else self.mask  # None: nothing to mask
         self._rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
 
     def update(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
@@ -87,15 +90,15 @@ class MLA(nn.Module):
         self.scale = softmax_scale(cfg)
         H, h, dqk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
         if cfg.q_lora_rank:
-            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(H, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * dqk, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * dqk, bias=False)
         else:
-            self.q_proj = nn.Linear(H, h * dqk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.cache_dim, bias=False)
+            self.q_proj = Linear(H, h * dqk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(H, cfg.cache_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (self.d_nope + self.d_v), bias=False)
-        self.o_proj = nn.Linear(h * self.d_v, H, bias=False)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (self.d_nope + self.d_v), bias=False)
+        self.o_proj = Linear(h * self.d_v, H, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None) -> torch.Tensor:
@@ -119,7 +122,7 @@ class MLA(nn.Module):
             if cache.fresh:  # prefill from position 0: causal SDPA over the new tokens (fused kernel)
                 o = self._naive(q_nope, q_pe, c_kv, k_pe, mask=None)
             elif s <= self.absorb_max_query:
-                o = self._absorbed(q_nope, q_pe, latent, cache.mask)
+                o = self._absorbed(q_nope, q_pe, latent, cache.decode_mask)
             else:
                 o = self._naive(q_nope, q_pe, c_all, pe_all, mask=cache.mask)
         return self.o_proj(o.reshape(b, s, h * self.d_v))
@@ -140,12 +143,17 @@ class MLA(nn.Module):
         return o.transpose(1, 2)[..., : self.d_v]  # (b, s, h, d_v)
 
     def _absorbed(self, q_nope, q_pe, latent, mask):
-        """Attention on the latent cache: scores = [q_nope W_UK, q_pe] . [c_KV, k_pe]; o = (p c_KV) W_UV."""
-        w = self.kv_b_proj.weight.view(self.n_heads, self.d_nope + self.d_v, self.rank)
-        w_uk, w_uv = w[:, : self.d_nope], w[:, self.d_nope:]  # (h, d, c)
-        q_lat = torch.cat([torch.einsum("bshd,hdc->bshc", q_nope, w_uk), q_pe], dim=-1)  # (b, s, h, c + r)
-        scores = torch.einsum("bshc,btc->bsht", q_lat, latent) * self.scale
-        scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))
+        """Attention on the latent cache: scores = [q_nope W_UK, q_pe] . [c_KV, k_pe]; o = (p c_KV) W_UV.
+        Batched matmuls with heads (then rows) as the batch; `mask` None: every row sees all t slots."""
+        b, s, h, dn = q_nope.shape
+        c = self.rank
+        w = self.kv_b_proj.weight.view(h, dn + self.d_v, c)
+        q_uk = torch.bmm(q_nope.reshape(b * s, h, dn).transpose(0, 1), w[:, :dn])  # (h, b s, c)
+        q_lat = torch.cat([q_uk.transpose(0, 1), q_pe.reshape(b * s, h, -1)], dim=-1).view(b, s * h, -1)
+        scores = torch.bmm(q_lat, latent.transpose(1, 2)).mul_(self.scale)  # (b, s h, t)
+        if mask is not None:
+            scores = scores.view(b, s, h, -1).masked_fill_(~mask[:, :, None, :], float("-inf")).view(b, s * h, -1)
         p = scores.float().softmax(dim=-1).to(latent.dtype)
-        o_lat = torch.einsum("bsht,btc->bshc", p, latent[..., : self.rank])
-        return torch.einsum("bshc,hdc->bshd", o_lat, w_uv)  # (b, s, h, d_v)
+        o_lat = torch.bmm(p, latent[..., :c]).view(b * s, h, c).transpose(0, 1)  # (h, b s, c)
+        o = torch.bmm(o_lat, w[:, dn:].transpose(1, 2))  # (h, b s, d_v)
+        return o.transpose(0, 1).reshape(b, s, h, self.d_v)

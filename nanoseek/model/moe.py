@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.linear import Linear, few_rows
 
 
 class MLP(nn.Module):
@@ -32,9 +33,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=False)
+        self.gate_proj = Linear(hidden, inter, bias=False)
+        self.up_proj = Linear(hidden, inter, bias=False)
+        self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -101,18 +102,17 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # rows: I gate, then I up
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
-    loop_max_rows = 16  # without autograd, up to this many (token, expert) rows use per-expert matmuls
-
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (t, H), idx/weights (t, k) -> y (t, H) = sum_k weights * FFN_idx(x), tokens per expert (e,)."""
         t, k = idx.shape
+        E = self.gate_up_proj.shape[0]
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # assignment slots sorted by expert
-        counts = torch.bincount(flat, minlength=self.gate_up_proj.shape[0])
+        counts = torch.bincount(flat, minlength=E)
         token = order // k
         xs = x[token]  # (t*k, H), grouped by expert
-        # decoding touches a few experts: a grouped GEMM would still visit all E groups
-        mm = self._mm_few if t * k <= self.loop_max_rows and not torch.is_grad_enabled() else self._mm
+        # decoding (up to ~64 rows per expert, no autograd): a loop of W x^T beats grouped_mm's x W^T
+        mm = self._mm_few if few_rows(xs, 64 * E) else self._mm
         gate, up = mm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
         # w * down(a) = down(w * a): weight the I-wide activation, not the H-wide output
         act = F.silu(gate) * up * weights.flatten()[order, None].to(xs.dtype)
@@ -129,11 +129,11 @@ class Experts(nn.Module):
 
     @staticmethod
     def _mm_few(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The same, one matmul per expert that has rows."""
+        """The same, one (W_j x_j^T)^T per expert that has rows."""
         outs, start = [], 0
         for j, n in enumerate(counts.tolist()):
             if n:
-                outs.append(xs[start:start + n] @ w[j].T)
+                outs.append((w[j] @ xs[start:start + n].T).T)
                 start += n
         return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
 

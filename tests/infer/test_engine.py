@@ -73,6 +73,20 @@ def test_speculative_greedy_equals_plain_greedy():
     assert engine.stats["drafted"] > 0 and engine.stats["tokens"] == 4 * 16
 
 
+def test_speculative_mixed_greedy_and_sampled_rows():
+    """A sampled request joins greedy rows that drafted greedily (no q kept, one-hot built on demand): the
+    greedy rows still equal plain greedy decoding and the sampled one runs to max_tokens."""
+    model = tiny_model()
+    plain = generate(model, PROMPTS[:2], SamplingParams(max_tokens=12))
+    engine = Engine(model, max_batch=3, speculative=True)
+    greedy = [engine.add(p, SamplingParams(max_tokens=12)) for p in PROMPTS[:2]]
+    engine.step()
+    sampled = engine.add(PROMPTS[2], SamplingParams(max_tokens=12, temperature=1.0, seed=7))
+    engine.run()
+    assert [r.tokens for r in greedy] == plain
+    assert len(sampled.tokens) == 12 and sampled.finish_reason == "length"
+
+
 def test_speculative_with_a_perfect_draft_accepts_everything():
     """Make MTP's draft equal the main model's next-next token: copy the main model's last block into the
     MTP block and zero the token embedding path, so acceptance must be 1 and output still equals plain."""

@@ -48,9 +48,9 @@ def test_loop_fallback_equals_grouped_mm(monkeypatch):
     monkeypatch.setattr(moe_mod, "_grouped_mm_ok", lambda t: False)
     y2, _ = m(x)
     g2 = torch.autograd.grad(y2.square().sum(), [x, m.experts.gate_up_proj])
-    torch.testing.assert_close(y1, y2)
+    torch.testing.assert_close(y1, y2, atol=1e-5, rtol=1e-4)
     for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)  # W x^T vs x W^T: summation order
 
 
 def test_bias_steers_selection_not_weights():
@@ -125,3 +125,14 @@ def test_bias_stays_fp32_and_gets_no_gradient():
     y, _ = m(torch.randn(1, 4, 256, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16
 
+
+
+@pytest.mark.parametrize("tokens", [1, 16])
+def test_decoding_expert_loop_equals_reference(tokens):
+    """Without autograd, few rows per expert take the per-expert W x^T loop: same result as the reference."""
+    m = make_moe()
+    x = torch.randn(tokens, 1, 256)
+    with torch.no_grad():
+        y, stats = m(x, balance_loss=False)
+    torch.testing.assert_close(y, per_token_reference(m, x).view_as(y), atol=1e-5, rtol=1e-4)
+    assert int(stats.tokens_per_expert.sum()) == tokens * 4
