@@ -8,6 +8,8 @@ Baselines: transformers with its defaults (experts_implementation="grouped_mm", 
 and with per-expert loops (experts_implementation="eager"). MTP is off (transformers has none); the
 nanoseek row "+MTP" shows the cost of the V3 MTP module on top. MFU uses `nanoseek.cost`'s formula and a
 GEMM peak measured here. Peak memory is measured per framework in a fresh subprocess (VmHWM).
+`--keep-freed-memory` applies `nanoseek train`'s allocator setting (nanoseek/train/malloc.py) to the whole
+process, so to both frameworks; `--threads N` sets the torch thread count.
 """
 
 from __future__ import annotations
@@ -135,7 +137,16 @@ def main():
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-memory", action="store_true")
+    ap.add_argument("--keep-freed-memory", action="store_true",
+                    help="glibc reuses freed pages, as `nanoseek train` sets it (both frameworks: one process)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.keep_freed_memory:
+        from nanoseek.train.malloc import keep_freed_memory
+
+        keep_freed_memory()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     cfg = ModelConfig.preset(args.preset, num_nextn_predict_layers=0)
