@@ -227,11 +227,14 @@ def cmd_distill(args) -> int:
 
 
 def cmd_export(args) -> int:
-    """A run, checkpoint or DeepSeek folder (FP8 dequantized) as a plain Hugging Face folder (nanoseek/hf.py)."""
+    """A run, checkpoint or DeepSeek folder (FP8 dequantized) as a plain Hugging Face folder, or with --fp8 in
+    V3's FP8 format (nanoseek/hf.py)."""
     from nanoseek.hf import export
 
-    out = export(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)))
-    print(f"exported {args.checkpoint} to {out}: AutoModelForCausalLM.from_pretrained('{out}') loads it")
+    out = export(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)), fp8=args.fp8,
+                 scale_fmt=args.scale_fmt)
+    print(f"exported {args.checkpoint} to {out}{' (FP8, V3 format)' if args.fp8 else ''}: "
+          f"AutoModelForCausalLM.from_pretrained('{out}') loads it")
     return 0
 
 
@@ -361,7 +364,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("checkpoint", help="a run directory, a checkpoint, or an HF model directory")
         p.add_argument("out", help="the folder to write")
         p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
-        p.set_defaults(func=cmd_export)
+        if name == "export":
+            p.add_argument("--fp8", action="store_true", help="V3's FP8 format: e4m3 weights + fp32 scale per "
+                           "128x128 block for the linear layers and experts (embedding, head, norms, gate kept)")
+            p.add_argument("--scale-fmt", default="fp32", choices=["fp32", "ue8m0"],
+                           help="--fp8: fp32 scales, or power-of-two scales (V3.1's ue8m0)")
+        p.set_defaults(func=cmd_export, fp8=False, scale_fmt="fp32")
     p = sub.add_parser("demo", help="the R1 story on the built-in data: pretrain, GRPO, SFT control, report")
     p.add_argument("--pretrain-config", default="configs/nano.toml")
     p.add_argument("--grpo-config", default="configs/grpo.toml")

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from nanoseek.config import ModelConfig
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model import Transformer
-from nanoseek.model.fp8 import dequantize_checkpoint
+from nanoseek.model.fp8 import dequantize_checkpoint, quantize_checkpoint
 from nanoseek.train.checkpoint import latest_checkpoint
 
 
@@ -127,12 +127,15 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt and messages[-1]['role'] == 'user' %}<|assistant|>{% endif %}")
 
 
-def export(path: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30) -> Path:
+def export(path: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30, fp8: bool = False,
+           scale_fmt: str = "fp32") -> Path:
     """A run / checkpoint / HF directory -> a Hugging Face folder that `AutoModelForCausalLM` and
     `AutoTokenizer` load: config.json, generation_config.json, safetensors (sharded with an index past
     max_shard_bytes), tokenizer.json + tokenizer_config.json with the chat template. Router biases are
     shifted so their minimum is 0 (selection is unchanged: every expert moves by the same amount; older
-    transformers releases assume non-negative biases)."""
+    transformers releases assume non-negative biases). fp8: V3's FP8 format for the weights V3 quantizes
+    (e4m3 `weight` + fp32 `weight_scale_inv` per 128x128 block, `quantization_config`; scale_fmt "ue8m0":
+    power-of-two scales, marked as in V3.1's config)."""
     from safetensors.torch import save_file
 
     pre = load_pretrained(path)
@@ -145,6 +148,11 @@ def export(path: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30
         if key.endswith("e_score_correction_bias"):
             t = t - t.min().clamp(max=0)
         tensors[key] = t
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+    if fp8:
+        tensors = quantize_checkpoint(tensors, 128, scale_fmt)
+        if scale_fmt == "ue8m0":
+            quant["scale_fmt"] = "ue8m0"
     shards, size = [[]], 0
     for key, t in tensors.items():
         nbytes = t.numel() * t.element_size()
@@ -161,7 +169,8 @@ def export(path: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
                  "weight_map": {k: name for name, keys in zip(names, shards) for k in keys}}
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1))
-    (out / "config.json").write_text(json.dumps({**cfg.to_hf_dict(), "torch_dtype": "float32"}, indent=1))
+    hf_config = {**cfg.to_hf_dict(), "torch_dtype": "float32"} | ({"quantization_config": quant} if fp8 else {})
+    (out / "config.json").write_text(json.dumps(hf_config, indent=1))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg.bos_token_id, "eos_token_id": cfg.eos_token_id, "do_sample": False}, indent=1))
     if pre.tokenizer is not None:

@@ -23,8 +23,11 @@ from pathlib import Path
 from nanoseek.config import PRESETS, ModelConfig, apply_overrides
 from nanoseek.data.builtin import get_mix
 from nanoseek.data.loader import LOSS_ON
+from nanoseek.model.fp8 import SCALE_FMTS
 
 SCHEDULES = ("v3", "wsd", "cosine", "constant")
+PRECISIONS = ("default", "fp8")
+MOMENTS_DTYPES = ("fp32", "bf16")
 
 
 @dataclass
@@ -34,6 +37,7 @@ class OptimConfig:
     v3:   linear warmup, constant, cosine decay to min_lr_ratio * lr over the last decay_frac of the steps
     wsd:  linear warmup, constant (stable), linear decay to min_lr_ratio * lr over the last decay_frac
     cosine: warmup then cosine over all remaining steps; constant: warmup then constant
+    moments_dtype: "bf16" keeps AdamW's m and v in bf16, as V3 (paper section 3.3.3); "fp32" torch's AdamW
     """
 
     lr: float = 3e-3
@@ -46,10 +50,13 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    moments_dtype: str = "fp32"
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"optim.schedule={self.schedule!r} must be one of {SCHEDULES}")
+        if self.moments_dtype not in MOMENTS_DTYPES:
+            raise ValueError(f"optim.moments_dtype={self.moments_dtype!r} must be one of {MOMENTS_DTYPES}")
         for name in ("lr", "eps"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"optim.{name}={getattr(self, name)!r} must be > 0")
@@ -98,6 +105,10 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: bf16 autocast where the device has fast bf16 (CUDA), else fp32
+    # default: every GEMM in `dtype`; fp8: V3's FP8 recipe for the linear layers and experts
+    # (nanoseek.model.fp8_linear), the rest in `dtype`; fp8_scale_fmt "ue8m0": power-of-two scales
+    precision: str = "default"
+    fp8_scale_fmt: str = "fp32"
     # V3 losses (paper section 4.2): L = L_main + lambda L_MTP + alpha sum L_Bal
     mtp_lambda: float = 0.3
     mtp_lambda_late: float = 0.1  # V3: 0.3 for the first 10T tokens, then 0.1
@@ -124,6 +135,10 @@ class TrainConfig:
             raise ValueError(f"device={self.device!r} must be auto, cpu, cuda or cuda:N")
         if self.dtype not in ("auto", "fp32", "bf16"):
             raise ValueError(f"dtype={self.dtype!r} must be auto, fp32 or bf16")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} must be one of {PRECISIONS}")
+        if self.fp8_scale_fmt not in SCALE_FMTS:
+            raise ValueError(f"fp8_scale_fmt={self.fp8_scale_fmt!r} must be one of {SCALE_FMTS}")
         for name in ("mtp_lambda", "mtp_lambda_late", "balance_alpha", "bias_gamma", "bias_gamma_late"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")

@@ -28,6 +28,7 @@ from nanoseek.data.shards import ShardSet
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.hf import load_pretrained, locate
 from nanoseek.model import Transformer
+from nanoseek.model.fp8_linear import Recipe, to_fp8
 from nanoseek.report import plot_training, read_metrics, write_report
 from nanoseek.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from nanoseek.train.config import TrainConfig
@@ -128,6 +129,8 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
     ctx = autocast_for(device, cfg.dtype)
     torch.manual_seed(cfg.seed)
     model = Transformer(cfg.model).to(device).train()
+    if cfg.precision == "fp8":  # same parameters; the linear layers' and experts' GEMMs run in FP8
+        to_fp8(model, Recipe(scale_fmt=cfg.fp8_scale_fmt))
     if init is None and cfg.init:
         init = functools.partial(_init_from, cfg.init)
     if init is not None:
