@@ -40,7 +40,7 @@ def _expert_view(model, name: str, t: torch.Tensor, par: Parallel | None) -> tor
     owner = model.get_submodule(name.rpartition(".")[0])
     if not isinstance(owner, ExpertParallel) or t.dim() == 0:
         return t
-    shape = torch.Size((owner.n_experts, *t.shape[1:]))
+    shape = owner.global_shape(t)
     if isinstance(t, DTensor):
         placements, t = (Shard(0), t.placements[0]), t.to_local()
     else:  # not FSDP-sharded: the whole block on every rank of the dp group
