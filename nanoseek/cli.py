@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 
 from nanoseek.config import PRESETS, ModelConfig, apply_overrides, fmt_count
+from nanoseek.dist import DistError
+from nanoseek.plan import GPU_MEMORY
 
 
 def cmd_model(args) -> int:
@@ -52,6 +54,13 @@ def cmd_cost(args) -> int:
     from nanoseek.cost import main as cost_main
 
     return cost_main(args)
+
+
+def cmd_plan(args) -> int:
+    """Memory per GPU at data/expert-parallel degrees: weights, gradients, AdamW state, activations."""
+    from nanoseek.plan import main as plan_main
+
+    return plan_main(args)
 
 
 def cmd_tokenizer(args) -> int:
@@ -105,6 +114,8 @@ def cmd_train(args) -> int:
     if sft and not cfg.init:
         raise ValueError("nanoseek sft needs init=DIR: the run, checkpoint or HF directory to fine-tune")
     result = run(cfg, resume=args.resume, quiet=args.quiet)
+    if result.get("rank", 0) != 0:  # under torchrun, rank 0 evaluates and reports
+        return 0
     cfg = result["config"]
     sections = result["sections"]
     if not cfg.data.path and args.eval_problems:
@@ -307,6 +318,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gqa-groups", type=int, default=8, help="KV heads of the GQA cache compared with MLA")
     p.add_argument("--json", action="store_true", help="the same numbers as JSON")
     p.set_defaults(func=cmd_cost)
+    p = sub.add_parser("plan", help="memory per GPU of a training job at data/expert-parallel degrees")
+    p.add_argument("overrides", nargs="*", help="ModelConfig fields as key=value (with --preset or --config)")
+    p.add_argument("--preset", help=f"one of {', '.join(sorted(PRESETS))}")
+    p.add_argument("--config", help="a Hugging Face config.json")
+    p.add_argument("--dp", type=int, required=True, help="data-parallel degree: GPUs, each with its own data")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree (divides --dp and the experts)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--gpu", help=f"compare with one GPU's memory: {', '.join(sorted(GPU_MEMORY))}")
+    p.add_argument("--json", action="store_true", help="the same numbers as JSON")
+    p.set_defaults(func=cmd_plan, dense_params=None)
     p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on .txt/.jsonl/.parquet files")
     p.add_argument("--input", nargs="+", required=True, metavar="FILE")
     p.add_argument("--vocab-size", type=int, required=True, help="at most this many tokens")
@@ -403,6 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:  # configuration and input errors speak to the user, without a traceback
         print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except DistError as e:  # a distributed job that cannot go on (a rank died, a collective timed out)
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -138,10 +138,16 @@ class TokenLoader:
                 "num_tokens": self.num_tokens}
 
     def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "split", "batch_size", "seq_len", "world_size", "num_tokens"):
+        """The position is the same for every rank and depends only on the global batch (batch_size x
+        world_size): the first c batches of W ranks are the first c global batches, whatever W."""
+        for key in ("seed", "split", "seq_len", "num_tokens"):
             if key in state and state[key] != getattr(self, key):
                 raise ValueError(f"loader state has {key}={state[key]!r} but this loader has {getattr(self, key)!r}; "
                                  f"resume needs the same data and batch layout")
+        saved = state.get("batch_size", self.batch_size) * state.get("world_size", self.world_size)
+        if saved != self.batch_size * self.world_size:
+            raise ValueError(f"loader state has a global batch of {saved} rows but this loader reads "
+                             f"{self.batch_size} x {self.world_size} ranks; resume needs the same global batch")
         if not 0 <= state["cursor"] <= self.batches_per_epoch:
             raise ValueError(f"loader state cursor={state['cursor']} is outside [0, {self.batches_per_epoch}]")
         self.epoch, self.cursor, self._starts = int(state["epoch"]), int(state["cursor"]), None

@@ -168,13 +168,15 @@ class Transformer(nn.Module):
         return load_pretrained(path, device=device, dtype=dtype).model
 
 
-    def hf_state_dict(self, mtp_copies: bool = True) -> dict[str, torch.Tensor]:
-        """State dict under DeepseekV3ForCausalLM names, one key set per routed expert, MTP depth k at layer
-        index num_hidden_layers + k - 1 with (if mtp_copies) its copies of the embedding and head, as in the
-        released V3."""
+    def hf_state_dict(self, mtp_copies: bool = True, state: dict[str, torch.Tensor] | None = None
+                      ) -> dict[str, torch.Tensor]:
+        """State dict (`state`, default this model's) under DeepseekV3ForCausalLM names, one key set per
+        routed expert, MTP depth k at layer index num_hidden_layers + k - 1 with (if mtp_copies) its copies
+        of the embedding and head, as in the released V3."""
         L = self.config.num_hidden_layers
+        state = self.state_dict() if state is None else state
         out: dict[str, torch.Tensor] = {}
-        for name, t in self.state_dict().items():
+        for name, t in state.items():
             if name == "lm_head.weight":
                 if not self.config.tie_word_embeddings:
                     out[name] = t
@@ -193,8 +195,8 @@ class Transformer(nn.Module):
             else:
                 out[key] = t
         for k in range(len(self.mtp) if mtp_copies else 0):
-            out[f"model.layers.{L + k}.embed_tokens.weight"] = self.embed_tokens.weight.detach()
-            out[f"model.layers.{L + k}.shared_head.head.weight"] = self.lm_head.weight.detach()
+            out[f"model.layers.{L + k}.embed_tokens.weight"] = state["embed_tokens.weight"]
+            out[f"model.layers.{L + k}.shared_head.head.weight"] = state["lm_head.weight"]
         return out
 
     @torch.no_grad()

@@ -5,6 +5,7 @@
         optimizer.safetensors   AdamW moments and step counts, keyed "<param name>.<state>"
         state.json              step, data-loader position, RNG states, optimizer hyperparameters, config
     RUN/checkpoints/latest      name of the newest complete checkpoint
+A distributed run writes dcp/ (sharded model and optimizer) instead of optimizer.safetensors (nanoseek/dist).
 
 A checkpoint is written into a temporary directory, fsynced, then renamed into place, and `latest` is
 replaced atomically after it: a kill at any moment leaves the previous checkpoint intact and pointed to.
@@ -22,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
+DIST_FILES = ("model.safetensors", "state.json")  # plus dcp/ (sharded model and optimizer state)
 
 
 class CheckpointError(ValueError):
@@ -77,12 +79,18 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, kee
     for name, tensors in (extra or {}).items():
         _write(tmp / name, lambda p, t=tensors: save_file(t, p))
     _write(tmp / "state.json", lambda p: p.write_text(json.dumps({**state, "step": step, "param_groups": groups})))
+    return publish(tmp, final, keep_last)
+
+
+def publish(tmp: Path, final: Path, keep_last: int) -> Path:
+    """Rename the complete checkpoint `tmp` to `final`, point `latest` at it, keep the newest keep_last."""
+    root = final.parent
     _fsync_dir(tmp)
     if final.exists():  # the same step saved again after a resume
         shutil.rmtree(final)
     os.rename(tmp, final)
     latest_tmp = root / ".latest.tmp"
-    _write(latest_tmp, lambda p: p.write_text(name))
+    _write(latest_tmp, lambda p: p.write_text(final.name))
     os.replace(latest_tmp, root / "latest")
     _fsync_dir(root)
     for old in sorted(root.glob("step_*"))[:-keep_last]:
@@ -102,7 +110,9 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def read_state(path: Path) -> dict:
-    for f in FILES:
+    """state.json of a complete checkpoint: single-process (FILES) or distributed (DIST_FILES, see
+    nanoseek/dist/checkpoint.py)."""
+    for f in DIST_FILES if (path / "dcp").is_dir() else FILES:
         if not (path / f).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {f} is missing")
     try:

@@ -126,6 +126,9 @@ class TrainConfig:
     keep_last: int = 2
     time_limit: float = 0.0  # seconds of training after which the run ends early (0 = none)
     price_per_hour: float = 2.0  # dollars per device-hour, for report.md
+    # under torchrun (nanoseek/dist): batch_size is the global batch, split over the ranks
+    ep: int = 1  # expert-parallel degree: routed experts split over groups of ep ranks (1 = off)
+    dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks before the job stops
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_last"):
@@ -142,6 +145,16 @@ class TrainConfig:
         for name in ("mtp_lambda", "mtp_lambda_late", "balance_alpha", "bias_gamma", "bias_gamma_late"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be >= 0")
+        if not (isinstance(self.ep, int) and self.ep > 0):
+            raise ValueError(f"ep={self.ep!r} must be a positive integer (1 = no expert parallelism)")
+        if self.ep > 1 and not self.model.has_moe:
+            raise ValueError(f"ep={self.ep} needs routed experts, but the model has no MoE layer")
+        E = self.model.n_routed_experts
+        if E % self.ep:
+            raise ValueError(f"ep={self.ep} must divide model.n_routed_experts={E} (each rank of an expert-parallel "
+                             f"group holds E/ep experts); allowed: {[d for d in range(1, E + 1) if E % d == 0]}")
+        if not self.dist_timeout > 0:
+            raise ValueError(f"dist_timeout={self.dist_timeout!r} must be > 0 seconds")
 
     @property
     def tokens_per_step(self) -> int:

@@ -6,6 +6,8 @@ Per optimizer step (paper sections 2.1.2, 2.2, 4.2):
     b_i <- b_i + gamma * sign(mean(c) - c_i)                                    (the bias is not a parameter)
 Logged per step: loss terms, lr, grad norm, tokens/s, MFU, expert load MaxVio = max(c) / mean(c) - 1.
 Left out: V3's batch-size ramp, FIM, document masking (V3 packs documents without cross-document masks too).
+Under torchrun the same loop runs data and expert parallel (nanoseek/dist): batch_size is the global batch,
+each rank reads its slice, token counts for the bias update are summed over all ranks, and rank 0 logs.
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from nanoseek.cost import measure_gemm_peak, run_compute, train_flops_per_token
@@ -26,6 +30,10 @@ from nanoseek.data.builtin import ensure_builtin_data, get_mix
 from nanoseek.data.loader import TokenLoader
 from nanoseek.data.shards import ShardSet
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.dist import checkpoint as dist_checkpoint
+from nanoseek.dist.parallel import (Parallel, all_reduce_mean, clip_grad_norm, close,
+                                    collective_failure, failed_collective, init_parallel, launched,
+                                    loss_weights, parallelize)
 from nanoseek.hf import load_pretrained, locate
 from nanoseek.model import Transformer
 from nanoseek.model.fp8_linear import Recipe, to_fp8
@@ -49,18 +57,23 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def uses_bf16(device: torch.device, dtype: str) -> bool:
+    return dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+
+
 def autocast_for(device: torch.device, dtype: str):
     """bf16 autocast where the device computes it fast (CUDA with bf16); fp32 otherwise (auto)."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16) if uses_bf16(device, dtype) else nullcontext()
 
 
-def v3_loss(out, mtp_lambda: float, alpha: float) -> dict[str, torch.Tensor]:
-    """The terms of L from a forward with labels: main, mtp (mean over depths), balance (sum over layers)."""
-    terms = {"main": out.loss}
-    loss = out.loss
+def v3_loss(out, mtp_lambda: float, alpha: float, weights: list[float] | None = None) -> dict[str, torch.Tensor]:
+    """The terms of L from a forward with labels: main, mtp (mean over depths), balance (sum over layers).
+    weights: factors of the main loss and each MTP depth (a rank's share of the global batch's targets)."""
+    w = weights or [1.0] * (1 + len(out.mtp_losses))  # x * 1.0 is x exactly
+    terms = {"main": out.loss * w[0]}
+    loss = terms["main"]
     if out.mtp_losses:
-        terms["mtp"] = torch.stack(out.mtp_losses).mean()
+        terms["mtp"] = torch.stack([m * f for m, f in zip(out.mtp_losses, w[1:])]).mean()
         loss = loss + mtp_lambda * terms["mtp"]
     balance = [r.balance_loss for r in out.router if r.balance_loss is not None]
     if balance:
@@ -108,56 +121,113 @@ class MetricsLog:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, loader: TokenLoader, batches: int, device, ctx) -> float:
+def evaluate(model: Transformer, loader: TokenLoader, batches: int, device, ctx, par: Parallel | None = None
+             ) -> float:
+    """Mean over validation batches of the batch's token-mean loss. Distributed: a batch is the union of the
+    ranks' slices (the single-process batch); a rank out of windows runs a batch without targets, since
+    every forward is collective."""
     model.eval()
     total = 0.0
     n = 0
-    for x, y in loader.val_batches(batches):
+    batches = loader.val_batches(batches)
+    while True:
+        batch = next(batches, None)
+        if par is not None:
+            more = torch.tensor([float(batch is not None)], device=device)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if not more.item():
+                break
+            if batch is None:
+                batch = (torch.zeros(1, loader.seq_len, dtype=torch.long),
+                         torch.full((1, loader.seq_len), -100, dtype=torch.long))
+        elif batch is None:
+            break
+        x, y = batch[0].to(device), batch[1].to(device)
         with ctx:
-            total += float(model(x.to(device), mtp=False, labels=y.to(device)).loss)
+            loss = model(x, mtp=False, labels=y).loss
+        if par is not None:
+            pair = torch.stack([loss.float() * (y != -100).sum(), (y != -100).sum().float()])
+            dist.all_reduce(pair)
+            loss = pair[0] / pair[1].clamp_min(1)
+        total += float(loss)
         n += 1
     model.train()
     return total / n if n else float("nan")  # a val split shorter than one sequence has no loss
 
 
+class _NoLog:
+    def write(self, record: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool = False, init=None) -> dict:
     """Run (or resume) the loop to cfg.steps; returns a summary dict (also the last line of metrics).
-    `init(model)`, if given, edits the freshly initialized model (before any checkpoint is loaded)."""
+    `init(model)`, if given, edits the freshly initialized model (before any checkpoint is loaded).
+    Under torchrun every rank calls this; rank 0's summary holds the model (plain, final weights), the
+    others' None."""
+    if not launched():
+        if cfg.ep > 1:
+            raise ValueError(f"ep={cfg.ep} needs several processes: torchrun --nproc_per_node N -m nanoseek "
+                             f"train ... with N a multiple of {cfg.ep}")
+        return _train(cfg, shard_dir, resume, quiet, init, None)
+    par = init_parallel(cfg.ep, cfg.dist_timeout, cfg.device, cfg.batch_size)
+    try:
+        return _train(cfg, shard_dir, resume, quiet or par.rank != 0, init, par)
+    except RuntimeError as e:
+        if failed_collective(e):
+            raise collective_failure(par, e) from e
+        raise
+    finally:
+        close(par)
+
+
+def _train(cfg: TrainConfig, shard_dir: Path, resume: bool, quiet: bool, init, par: Parallel | None) -> dict:
     run = Path(cfg.out_dir)
     run.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.device)
+    device = par.device if par else resolve_device(cfg.device)
+    rank, world = (par.rank, par.world) if par else (0, 1)
     ctx = autocast_for(device, cfg.dtype)
     torch.manual_seed(cfg.seed)
-    model = Transformer(cfg.model).to(device).train()
+    model = Transformer(cfg.model).to(device).train()  # the same weights on every rank (same seed)
     if cfg.precision == "fp8":  # same parameters; the linear layers' and experts' GEMMs run in FP8
         to_fp8(model, Recipe(scale_fmt=cfg.fp8_scale_fmt))
     if init is None and cfg.init:
         init = functools.partial(_init_from, cfg.init)
     if init is not None:
         init(model)
+    if par:
+        parallelize(model, par, bf16=uses_bf16(device, cfg.dtype))
     optimizer = build_optimizer(model, cfg.optim)
-    loader = TokenLoader(shard_dir, "train", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed,
-                         loss_on=cfg.data.loss_on)
-    val_loader = TokenLoader(shard_dir, "val", cfg.batch_size, cfg.data.seq_len, seed=cfg.seed,
-                             loss_on=cfg.data.loss_on)
+    loader = TokenLoader(shard_dir, "train", cfg.batch_size // world, cfg.data.seq_len, seed=cfg.seed,
+                         rank=rank, world_size=world, loss_on=cfg.data.loss_on)
+    val_loader = TokenLoader(shard_dir, "val", cfg.batch_size // world, cfg.data.seq_len, seed=cfg.seed,
+                             rank=rank, world_size=world, loss_on=cfg.data.loss_on)
     start, elapsed = 0, 0.0
     ckpt = latest_checkpoint(run)
     if ckpt is not None and not resume:
         raise ValueError(f"{run} already holds a run (last checkpoint {ckpt.name}); pass --resume to continue it, "
                          f"or choose another out_dir")
     if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer)
+        if par or (ckpt / "dcp").is_dir():  # sharded, or loaded at another world size
+            state = dist_checkpoint.load(ckpt, model, optimizer, par)
+        else:
+            state = load_checkpoint(ckpt, model, optimizer)
         if state["config"]["model"] != cfg.model.to_dict():
             diff = [k for k, v in cfg.model.to_dict().items() if state["config"]["model"].get(k) != v]
             raise CheckpointError(f"{ckpt / 'state.json'}: the checkpoint's model differs from the run's in {diff}")
         start, elapsed = state["step"], state["elapsed"]
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
-    (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    ShardSet.open(shard_dir).tokenizer().save(run)  # the run directory is all that inference needs
-    log = MetricsLog(run / "metrics.jsonl", keep_until=start if ckpt is not None else None)
+    if rank == 0:
+        (run / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        ShardSet.open(shard_dir).tokenizer().save(run)  # the run directory is all that inference needs
+    log = MetricsLog(run / "metrics.jsonl", keep_until=start if ckpt is not None else None) if rank == 0 \
+        else _NoLog()
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, mtp=True).total
-    peak = gemm_peak(str(device))
+    peak = gemm_peak(str(device)) if rank == 0 else float("nan")  # per device; MFU is logged by rank 0
     n_moe = len(model.moe_layers())
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", unit="step",
                disable=quiet, dynamic_ncols=True)
@@ -170,18 +240,26 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
         lam = cfg.mtp_weight(step)
         counts = torch.zeros(n_moe, cfg.model.n_routed_experts, dtype=torch.long, device=device)
         sums: dict[str, float] = {}
-        for _ in range(cfg.grad_accum):
+        for micro in range(cfg.grad_accum):
             x, y = loader.next_batch()
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if par:  # reduce gradients once per step, after the last micro-batch
+                model.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
             with ctx:
                 out = model(x, mtp=lam > 0, labels=y)
-            terms = v3_loss(out, lam, cfg.balance_alpha)
+            weights = loss_weights(y, len(out.mtp_losses), world) if par else None
+            terms = v3_loss(out, lam, cfg.balance_alpha, weights)
             (terms["loss"] / cfg.grad_accum).backward()
             for k, v in terms.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach()) / cfg.grad_accum
             for i, r in enumerate(out.router):  # MTP layers report nothing on steps where lambda = 0
                 counts[i] += r.tokens_per_expert
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf")))
+        if par:  # global token counts and loss terms; the same bias update on every rank
+            dist.all_reduce(counts)
+            sums = all_reduce_mean(sums, device)
+            grad_norm = clip_grad_norm(model, cfg.optim.grad_clip or float("inf"))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip or float("inf")))
         finite = math.isfinite(sums["loss"]) and math.isfinite(grad_norm)
         if finite:
             optimizer.step()
@@ -193,12 +271,16 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
         window_tokens += cfg.tokens_per_step
         done = step + 1
         last = done == cfg.steps or 0 < cfg.time_limit <= elapsed  # a time-limited run ends here
+        if par and cfg.time_limit > 0:  # rank 0's clock decides for all, or the ranks would part ways
+            flag = torch.tensor([float(last)], device=device)
+            dist.broadcast(flag, src=0)
+            last = bool(flag.item())
         if done % cfg.log_every == 0 or last or not finite:
             tok_s = window_tokens / window_time
             window_time, window_tokens = 0.0, 0
             record = {"step": done, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
                       "grad_norm": round(grad_norm, 4), "tok_s": round(tok_s, 1),
-                      "mfu": round(flops_per_token * tok_s / peak, 4), "max_vio": [round(v, 4) for v in
+                      "mfu": round(flops_per_token * tok_s / (peak * world), 4), "max_vio": [round(v, 4) for v in
                       max_violation(counts)] if n_moe else [], "tokens": done * cfg.tokens_per_step,
                       "elapsed": round(elapsed, 2), "skipped": not finite}
             log.write(record)
@@ -207,20 +289,25 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
                 bar.write(f"{done}/{cfg.steps} | loss {sums['loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f}"
                           f" | tok/s {tok_s:,.0f} | mfu {record['mfu']:.1%}")
         if done % cfg.eval_every == 0 or last:
-            val = evaluate(model, val_loader, cfg.eval_batches, device, ctx)
+            val = evaluate(model, val_loader, cfg.eval_batches, device, ctx, par)
             log.write({"step": done, "val_loss": round(val, 6)})
             if not quiet:
                 bar.write(f"{done}/{cfg.steps} | val_loss {val:.4f}")
         if done % cfg.ckpt_every == 0 or last:
             state = {"loader": loader.state_dict(), "rng": torch.get_rng_state().tolist(), "elapsed": elapsed,
                      "config": cfg.to_dict(), "finished": last}
-            save_checkpoint(run, done, model, optimizer, state, cfg.keep_last)
+            if par:
+                dist_checkpoint.save(run, done, model, optimizer, state, cfg.keep_last, par)
+            else:
+                save_checkpoint(run, done, model, optimizer, state, cfg.keep_last)
         if last:
             break
     bar.close()
     log.close()
+    if par:  # the final weights as one plain model (what inference and evaluation take), on rank 0
+        model = load_pretrained(latest_checkpoint(run), device=device).model.train() if rank == 0 else None
     return {"run_dir": str(run), "steps": cfg.steps, "elapsed": elapsed, "peak_flops": peak,
-            "flops_per_token": flops_per_token, "last": record, "model": model}
+            "flops_per_token": flops_per_token, "last": record, "model": model, "rank": rank, "world": world}
 
 
 @torch.no_grad()
@@ -257,15 +344,20 @@ def resolve_data(cfg: TrainConfig, progress: bool = False) -> tuple[TrainConfig,
 
 
 def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
-    """Data, training, plots and report.md: what `nanoseek train` does before any evaluation."""
+    """Data, training, plots and report.md: what `nanoseek train` does before any evaluation. Under
+    torchrun only rank 0 reports (the others return their summary after training)."""
+    quiet = quiet or int(os.environ.get("RANK", "0")) != 0
     cfg, shard_dir, tok = resolve_data(cfg, progress=not quiet)
     result = train(cfg, shard_dir, resume=resume, quiet=quiet)
+    result["config"] = cfg
+    if result.get("rank", 0) != 0:
+        return result
     run_dir = Path(cfg.out_dir)
     plot_training(run_dir)
     last = result["last"] or {}
     tokens = last.get("tokens", cfg.steps * cfg.tokens_per_step)
-    compute = run_compute(result["flops_per_token"], tokens, result["elapsed"], price_per_hour=cfg.price_per_hour,
-                          peak=result["peak_flops"])
+    compute = run_compute(result["flops_per_token"], tokens, result["elapsed"], devices=result.get("world", 1),
+                          price_per_hour=cfg.price_per_hour, peak=result["peak_flops"])
     _, evals = read_metrics(run_dir)
     result["sections"] = {
         "Run": {"model": f"{cfg.preset}: {cfg.model.summary()}", "data": str(shard_dir),
@@ -273,7 +365,9 @@ def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
                 "final train loss": last.get("loss"), "final validation loss": evals[-1]["val_loss"] if evals else None,
                 "wall time": f"{result['elapsed']:.0f} s"},
         "Compute": {"FLOPs per token (training, with MTP)": f"{result['flops_per_token'] / 1e6:.1f} MFLOP",
-                    "total FLOPs": f"{compute['flops']:.3e}", "device": str(resolve_device(cfg.device)),
+                    "total FLOPs": f"{compute['flops']:.3e}",
+                    "device": f"{result.get('world', 1)} x {resolve_device(cfg.device)}" if result.get("world", 1) > 1
+                    else str(resolve_device(cfg.device)),
                     "measured GEMM peak": f"{result['peak_flops'] / 1e9:.0f} GFLOP/s",
                     "MFU": f"{compute.get('mfu', float('nan')):.1%}",
                     "device-hours": f"{compute['device_hours']:.4f}",
