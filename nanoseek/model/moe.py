@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear, few_rows
+from nanoseek.model.linear import Linear, few_rows, matmul_wt
 
 
 class MLP(nn.Module):
@@ -133,7 +133,7 @@ class Experts(nn.Module):
         outs, start = [], 0
         for j, n in enumerate(counts.tolist()):
             if n:
-                outs.append((w[j] @ xs[start:start + n].T).T)
+                outs.append(matmul_wt(xs[start:start + n], w[j]))
                 start += n
         return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
 

@@ -2,16 +2,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek.model import linear as linear_mod
 from nanoseek.model.linear import Linear
 
 
 @pytest.mark.parametrize("shape", [(1, 64), (1, 1, 64), (3, 64), (2, 8, 64), (65, 64)])
-@pytest.mark.parametrize("split", [False, True])
-def test_decoding_path_equals_f_linear(shape, split, monkeypatch):
-    """W x^T for few rows, and one row split over threads, give F.linear's result in its shape."""
-    monkeypatch.setattr(linear_mod, "SPLIT_MIN", 1 if split else 1 << 30)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # three row blocks, whatever this machine has
+@pytest.mark.parametrize("threads", [1, 4])
+def test_decoding_path_equals_f_linear(shape, threads, monkeypatch):
+    """W x^T for few rows, and one row as a bmm over row blocks, give F.linear's result in its shape."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)  # the row blocks, whatever this machine has
     lin = Linear(64, 100, bias=True)
     x = torch.randn(shape)
     with torch.no_grad():
