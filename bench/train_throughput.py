@@ -8,8 +8,8 @@ Baselines: transformers with its defaults (experts_implementation="grouped_mm", 
 and with per-expert loops (experts_implementation="eager"). MTP is off (transformers has none); the
 nanoseek row "+MTP" shows the cost of the V3 MTP module on top. MFU uses `nanoseek.cost`'s formula and a
 GEMM peak measured here. Peak memory is measured per framework in a fresh subprocess (VmHWM).
-`--keep-freed-memory` applies `nanoseek train`'s allocator setting (nanoseek/train/malloc.py) to the whole
-process, so to both frameworks; `--threads N` sets the torch thread count.
+`--threads N` sets the torch thread count; `--keep-freed-memory` makes glibc reuse freed pages (no mmap,
+no trim) for the whole process, so for both frameworks (docs/LOG.md: page faults in training).
 """
 
 from __future__ import annotations
@@ -138,15 +138,17 @@ def main():
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="glibc reuses freed pages, as `nanoseek train` sets it (both frameworks: one process)")
+                    help="glibc reuses freed pages (both frameworks: one process)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:
-        from nanoseek.train.malloc import keep_freed_memory
+    if args.keep_freed_memory:  # glibc mallopt: M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2^31 - 1
+        import ctypes
 
-        keep_freed_memory()
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-4, 0)
+        libc.mallopt(-1, 2**31 - 1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
     cfg = ModelConfig.preset(args.preset, num_nextn_predict_layers=0)

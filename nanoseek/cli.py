@@ -416,10 +416,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ("train", "sft", "rl", "distill", "demo"):
-        from nanoseek.train.malloc import keep_freed_memory
-
-        keep_freed_memory()  # process-wide: reuse freed pages step after step
     try:
         return args.func(args)
     except ValueError as e:  # configuration and input errors speak to the user, without a traceback
