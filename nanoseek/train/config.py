@@ -155,6 +155,9 @@ class TrainConfig:
                              f"group holds E/ep experts); allowed: {[d for d in range(1, E + 1) if E % d == 0]}")
         if not self.dist_timeout > 0:
             raise ValueError(f"dist_timeout={self.dist_timeout!r} must be > 0 seconds")
+        if self.precision == "fp8" and self.ep > 1:  # ExpertParallel's local experts have no FP8 path yet
+            raise ValueError(f"precision='fp8' with ep={self.ep} is not supported: expert-parallel experts run "
+                             f"in high precision; use ep=1 (data parallel) with fp8")
 
     @property
     def tokens_per_step(self) -> int:

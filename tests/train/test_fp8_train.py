@@ -20,10 +20,11 @@ def losses(run_dir):
     ("precision=fp4", "precision='fp4' must be one of ('default', 'fp8')"),
     ("fp8_scale_fmt=e8m0", "fp8_scale_fmt='e8m0' must be one of ('fp32', 'ue8m0')"),
     ("optim.moments_dtype=fp16", "optim.moments_dtype='fp16' must be one of ('fp32', 'bf16')"),
+    ("precision=fp8 ep=2", "precision='fp8' with ep=2 is not supported"),
 ])
 def test_precision_fields_are_strict(override, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        load_train_config(None, [override])
+        load_train_config(None, override.split())
 
 
 def test_fp8_training_lowers_the_loss_and_tracks_fp32(make_cfg, tmp_path):
