@@ -31,20 +31,21 @@ class GPU(NamedTuple):
     name: str
     peaks: dict  # precision -> dense FLOP/s; None: measured on the spot
     source: str
+    memory: float | None = None  # bytes of HBM (datasheet), for `nanoseek plan`
 
 
 GPUS: dict[str, GPU] = {
     "h800": GPU("NVIDIA H800 SXM5", {"bf16": 989.5e12, "fp8": 1979e12},
                 "NVIDIA H800 Tensor Core GPU datasheet: BF16 1,979 / FP8 3,958 TFLOP/s with 2:4 sparsity, dense is "
-                "half; the H100 SXM5's compute (NVLink cut to 400 GB/s, FP64 cut)"),
+                "half; the H100 SXM5's compute (NVLink cut to 400 GB/s, FP64 cut)", 80e9),
     "h100": GPU("NVIDIA H100 SXM5", {"bf16": 989.5e12, "fp8": 1979e12},
                 "NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 / FP8 3,958 TFLOP/s with 2:4 sparsity, "
-                "dense is half"),
+                "dense is half", 80e9),
     "h200": GPU("NVIDIA H200 SXM", {"bf16": 989.5e12, "fp8": 1979e12},
                 "NVIDIA H200 Tensor Core GPU datasheet (SXM): BF16 1,979 / FP8 3,958 TFLOP/s with 2:4 sparsity, "
-                "dense is half; the H100's compute with 141 GB of HBM3e at 4.8 TB/s"),
+                "dense is half; the H100's compute with 141 GB of HBM3e at 4.8 TB/s", 141e9),
     "a100": GPU("NVIDIA A100 SXM", {"bf16": 312e12},
-                "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOP/s dense (624 with sparsity); no FP8"),
+                "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOP/s dense (624 with sparsity); no FP8", 80e9),
     "cpu": GPU("this machine's CPU", {"fp32": None},
                "measured now: max over 3 repeats of fp32 a@b at 2048^3 and 4096^3 (perf-notes section 3)"),
 }

@@ -22,9 +22,9 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from nanoseek.config import ModelConfig, fmt_count
-from nanoseek.cost import Table, load_config
+from nanoseek.cost import GPUS, Table, load_config
 
-GPU_MEMORY = {"h800": 80e9, "h100": 80e9, "h200": 141e9, "a100": 80e9}  # bytes of HBM (datasheets)
+GPU_MEMORY = {name: gpu.memory for name, gpu in GPUS.items() if gpu.memory}  # bytes of HBM (cost.GPUS)
 
 
 class Plan(NamedTuple):
