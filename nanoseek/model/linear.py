@@ -24,9 +24,10 @@ def few_rows(x: torch.Tensor, rows: int = FEW_ROWS) -> bool:
 
 
 def matmul_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (n, in) @ w (out, in)^T computed as (w x^T)^T; for one row, a bmm over `threads` row blocks of w."""
+    """x (n, in) @ w (out, in)^T computed as (w x^T)^T; for one row on CPU, a bmm over `threads` row blocks
+    of w (intra-op threads are CPU threads; Experts' loop also runs on GPUs without grouped_mm)."""
     threads = torch.get_num_threads()
-    if x.shape[0] > 1 or threads < 2 or w.shape[0] % threads or not w.is_contiguous():
+    if x.shape[0] > 1 or threads < 2 or w.shape[0] % threads or not w.is_contiguous() or x.device.type != "cpu":
         return (w @ x.T).T
     blocks = torch.bmm(w.view(threads, -1, w.shape[1]), x.T[None].expand(threads, -1, -1))  # (threads, out/threads, 1)
     return blocks.view(1, -1)
