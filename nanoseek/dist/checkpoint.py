@@ -31,7 +31,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from nanoseek.dist.ep import ExpertParallel
 from nanoseek.dist.parallel import Parallel
-from nanoseek.train.checkpoint import (CheckpointError, _write, load_tensors, publish, read_state)
+from nanoseek.train.checkpoint import CheckpointError, _write, load_tensors, param_groups, publish, read_state, staging
 
 
 def _expert_view(model, name: str, t: torch.Tensor, par: Parallel | None) -> torch.Tensor:
@@ -101,9 +101,7 @@ def full_weights(model, par: Parallel) -> dict[str, torch.Tensor] | None:
 def save(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int, par: Parallel) -> Path:
     """Write step_N (all ranks call this): DCP shards from every rank, full weights and state.json from rank 0,
     then rank 0 publishes it atomically (train/checkpoint.py: rename, `latest`, rotation)."""
-    root = Path(run_dir) / "checkpoints"
-    name = f"step_{step:06d}"
-    tmp, final = root / f".tmp-{name}", root / name
+    tmp, final = staging(run_dir, step)
     if par.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "dcp").mkdir(parents=True)
@@ -115,10 +113,9 @@ def save(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int
         hf = model.hf_state_dict(mtp_copies=False, state=weights)
         _write(tmp / "model.safetensors", lambda p: save_file({k: v.contiguous() for k, v in hf.items()}, p,
                                                                metadata={"format": "pt"}))
-        groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         layout = {"world_size": par.world, "ep": par.ep, "dp": par.dp}
-        _write(tmp / "state.json", lambda p: p.write_text(json.dumps({**state, "step": step,
-                                                                      "param_groups": groups, "layout": layout})))
+        _write(tmp / "state.json", lambda p: p.write_text(json.dumps(
+            {**state, "step": step, "param_groups": param_groups(optimizer), "layout": layout})))
         publish(tmp, final, keep_last)
     dist.barrier()
     return final

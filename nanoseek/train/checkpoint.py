@@ -54,28 +54,34 @@ def _param_names(model, optimizer) -> list[str]:
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """AdamW state keyed by parameter name; param groups (without the parameter lists) for JSON."""
+def param_groups(optimizer) -> list[dict]:
+    """The optimizer's hyperparameters per group (without the parameter lists), for state.json."""
+    return [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+
+
+def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
+    """AdamW state keyed by parameter name."""
     names = _param_names(model, optimizer)
-    sd = optimizer.state_dict()
-    tensors = {f"{names[idx]}.{key}": value.detach().contiguous().cpu().clone()
-               for idx, state in sd["state"].items() for key, value in state.items()}
-    groups = [{k: v for k, v in g.items() if k != "params"} for g in sd["param_groups"]]
-    return tensors, groups
+    return {f"{names[idx]}.{key}": value.detach().contiguous().cpu().clone()
+            for idx, state in optimizer.state_dict()["state"].items() for key, value in state.items()}
+
+
+def staging(run_dir: Path, step: int) -> tuple[Path, Path]:
+    """(temporary directory, final directory) of step_N's checkpoint; `publish` renames one to the other."""
+    root = Path(run_dir) / "checkpoints"
+    name = f"step_{step:06d}"
+    return root / f".tmp-{name}", root / name
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int,
                     extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     """Write step_N atomically; `extra` adds named safetensors files (e.g. an RL reference model)."""
-    root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
-    name = f"step_{step:06d}"
-    tmp, final = root / f".tmp-{name}", root / name
+    tmp, final = staging(run_dir, step)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    opt_tensors, groups = optimizer_tensors(model, optimizer)
+    tmp.mkdir(parents=True)
+    groups = param_groups(optimizer)
     _write(tmp / "model.safetensors", lambda p: save_file(model_tensors(model), p, metadata={"format": "pt"}))
-    _write(tmp / "optimizer.safetensors", lambda p: save_file(opt_tensors, p))
+    _write(tmp / "optimizer.safetensors", lambda p: save_file(optimizer_tensors(model, optimizer), p))
     for name, tensors in (extra or {}).items():
         _write(tmp / name, lambda p, t=tensors: save_file(t, p))
     _write(tmp / "state.json", lambda p: p.write_text(json.dumps({**state, "step": step, "param_groups": groups})))
