@@ -52,6 +52,7 @@ import sys
 import time
 from pathlib import Path
 
+import nanoseek  # noqa: F401  (before torch: huge pages for every allocation in this process, both frameworks)
 import torch
 
 from nanoseek import ModelConfig, Transformer
@@ -418,72 +419,49 @@ def mtp_section(checkpoint: str, quick: bool, log, guard) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- profile
 def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P: int = 128) -> dict:
-    """Where one decode step (b=batch, prompt P) goes: forward hooks on modules and wrappers on the attention core, the
-    cache write, the expert GEMMs and sampling (each timer costs ~1 us; CPU ops are synchronous)."""
-    from nanoseek.model.block import Block
-    from nanoseek.model.mla import MLA, LatentCache
-    from nanoseek.model.moe import MLP, Experts, MoE
+    """Where one decode step (b=batch, prompt P) goes: timers around the decoding plan's parts (model/decode.py),
+    the cache, the router, the products and sampling (each timer costs ~1 us; CPU ops are synchronous)."""
+    from nanoseek.model import decode
+    from nanoseek.model.mla import LatentCache
+    from nanoseek.model.moe import Experts, Gate
 
     acc = collections.defaultdict(float)
     handles, patches = [], []
-
     depth = collections.Counter()
 
     def timed(key, fn):
         @functools.wraps(fn)
         def wrapper(*a, **k):  # only the outermost call of a key counts (one wrapped method may call another)
-            depth[key] += 1
+            name = key(a) if callable(key) else key
+            depth[name] += 1
             t0 = time.perf_counter()
             try:
                 return fn(*a, **k)
             finally:
-                depth[key] -= 1
-                if not depth[key]:
-                    acc[key] += time.perf_counter() - t0
+                depth[name] -= 1
+                if not depth[name]:
+                    acc[name] += time.perf_counter() - t0
         return wrapper
 
-    def hook(module, key):
-        def pre(m, a):
-            m._bench_t0 = time.perf_counter()
-
-        def post(m, a, o):
-            acc[key] += time.perf_counter() - m._bench_t0
-        handles.append(module.register_forward_pre_hook(pre))
-        handles.append(module.register_forward_hook(post))
-
-    hook(ours, "forward")
-    hook(ours.embed_tokens, "embedding")
-    if not hasattr(type(ours), "_head"):  # else the wrapper on Transformer._head below times the head
-        hook(ours.lm_head, "lm_head")
-    hook(ours.norm, "norms (block + final)")
-    for blk in ours.layers:
-        assert isinstance(blk, Block)
-        hook(blk.self_attn, "attention")
-        hook(blk.input_layernorm, "norms (block + final)")
-        hook(blk.post_attention_layernorm, "norms (block + final)")
-        if isinstance(blk.mlp, MoE):
-            hook(blk.mlp, "moe")
-            hook(blk.mlp.gate, "moe: router")
-            hook(blk.mlp.experts, "moe: experts")
-            if blk.mlp.shared_experts is not None:
-                hook(blk.mlp.shared_experts, "moe: shared expert")
-        else:
-            assert isinstance(blk.mlp, MLP)
-            hook(blk.mlp, "dense FFN (layer 0)")
-    for owner, name, key, static in [(MLA, "_absorbed", "attention: absorbed core", False),
-                                     (LatentCache, "update", "attention: cache write", False),
-                                     (LatentCache, "begin", "cache.begin (mask)", False),
-                                     (Experts, "_mm", "moe: expert GEMMs", True),
-                                     (Experts, "_mm_few", "moe: expert GEMMs", True),  # the decode path
-                                     (Transformer, "_head", "lm_head", False),
-                                     (engine_mod, "sample", "sampling", False)]:
-        if name not in (owner.__dict__ if isinstance(owner, type) else vars(owner)):
-            continue  # an engine version without this function
+    def patch(owner, name, key):
         orig = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        fn = orig.__func__ if static else orig
-        w = timed(key, fn)
-        setattr(owner, name, staticmethod(w) if static else w)
+        setattr(owner, name, timed(key, orig))
         patches.append((owner, name, orig))
+
+    for owner, name, key in [
+            (Transformer, "forward", "forward"), (decode._Block, "attention", "attention"),
+            (decode, "absorbed", "attention: absorbed core"), (LatentCache, "update", "attention: cache write"),
+            (LatentCache, "begin", "cache.begin (mask)"), (decode._MoE, "__call__", "moe"),
+            (decode._MLP, "__call__", lambda a: "moe: shared expert" if depth["moe"] else "dense FFN (layer 0)"),
+            (Gate, "route", "moe: router"), (Experts, "forward", "moe: grouped experts (> 4 tokens)"),
+            (decode, "rms_norm", "norms"), (decode, "mul_wt", "products (GEMVs) in the layers"),
+            (decode, "rotate", "attention: RoPE"), (engine_mod, "sample", "sampling")]:
+        patch(owner, name, key)
+    hook_pre = ours.lm_head.register_forward_pre_hook(lambda m, a: setattr(m, "_bench_t0", time.perf_counter()))
+    hook_post = ours.lm_head.register_forward_hook(lambda m, a, o: acc.__setitem__(
+        "lm_head", acc["lm_head"] + time.perf_counter() - m._bench_t0))
+    handles += [hook_pre, hook_post]
+    decode._PLANS.pop(ours, None)  # the plan binds Gate.route when it is built: rebuild it with the timer
     try:
         engine = Engine(ours, max_batch=batch, max_len=P + steps + 16, prefill_tokens=batch * P)
         prompts = torch.randint(0, cfg.vocab_size, (batch, P), generator=torch.Generator().manual_seed(4)).tolist()
@@ -502,29 +480,26 @@ def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P
             h.remove()
         for owner, name, orig in patches:
             setattr(owner, name, orig)
+        decode._PLANS.pop(ours, None)
     step_ms = step_s * 1e3
-    fwd = per.get("forward", 0)
-    attn, moe, exp = per.get("attention", 0), per.get("moe", 0), per.get("moe: experts", 0)
+    fwd, attn, moe = per.get("forward", 0), per.get("attention", 0), per.get("moe", 0)
     parts = collections.OrderedDict()
-    parts["attention: projections, norms, RoPE"] = attn - per.get("attention: absorbed core", 0) - per.get(
-        "attention: cache write", 0)
-    parts["attention: cache write"] = per.get("attention: cache write", 0)
-    parts["attention: absorbed core"] = per.get("attention: absorbed core", 0)
-    parts["moe: router"] = per.get("moe: router", 0)
-    parts["moe: dispatch/combine (sort, gather, index_add)"] = exp - per.get("moe: expert GEMMs", 0)
-    parts["moe: expert GEMMs (grouped_mm or per-expert loop)"] = per.get("moe: expert GEMMs", 0)
-    parts["moe: shared expert"] = per.get("moe: shared expert", 0)
-    parts["moe: rest (reshape, add)"] = moe - per.get("moe: router", 0) - exp - per.get("moe: shared expert", 0)
+    parts["attention: projections, norms, residual"] = attn - sum(per.get(k, 0) for k in (
+        "attention: absorbed core", "attention: cache write", "attention: RoPE"))
+    for k in ("attention: RoPE", "attention: cache write", "attention: absorbed core", "moe: router",
+              "moe: shared expert", "moe: grouped experts (> 4 tokens)"):
+        parts[k] = per.get(k, 0)
+    parts["moe: router GEMV, direct experts, combine"] = moe - sum(per.get(k, 0) for k in (
+        "moe: router", "moe: shared expert", "moe: grouped experts (> 4 tokens)"))
     parts["dense FFN (layer 0)"] = per.get("dense FFN (layer 0)", 0)
-    parts["norms (block + final)"] = per.get("norms (block + final)", 0)
     parts["lm_head"] = per.get("lm_head", 0)
-    parts["embedding"] = per.get("embedding", 0)
     parts["cache.begin (mask)"] = per.get("cache.begin (mask)", 0)
-    parts["forward: rest (checks, RoPE table, residuals)"] = fwd - sum(
-        per.get(k, 0) for k in ("attention", "moe", "dense FFN (layer 0)", "norms (block + final)", "lm_head",
-                                "embedding", "cache.begin (mask)"))
+    parts["forward: rest (checks, RoPE rows, embedding, norms between)"] = fwd - sum(
+        per.get(k, 0) for k in ("attention", "moe", "dense FFN (layer 0)", "lm_head", "cache.begin (mask)"))
     parts["sampling"] = per.get("sampling", 0)
     parts["engine: rest (ids/pos tensors, emit, retire)"] = step_ms - fwd - per.get("sampling", 0)
+    parts["(of the above: products in the layers, mul_wt)"] = per.get("products (GEMVs) in the layers", 0)
+    parts["(of the above: RMSNorm calls)"] = per.get("norms", 0)
     log(f"\nWhere a nanoseek decode step goes (b={batch}, P={P}, {steps} steps, {step_ms:.2f} ms/step with timers):")
     log(f"| {'part':<52} | {'ms/step':>8} | {'share':>6} |")
     log(f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|")
@@ -607,7 +582,7 @@ def main():
     results.update(torch=torch.__version__, transformers=transformers.__version__, code=code_version(),
                    threads=torch.get_num_threads(), gemm_peak_gflops=peak / 1e9, read_bandwidth_gbs=bw)
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-        f"fp32, CPU ({os.cpu_count()} cores); GEMM peak {peak / 1e9:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s; "
+        f"fp32, CPU ({os.cpu_count()} cores), THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; GEMM peak {peak / 1e9:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s; "
         f"other processes busy {busy0:.2f} cores at the start; nanoseek {results['code']}")
     ours = build_ours(cfg)
     hf = None if args.skip_hf else build_hf(cfg, ours)

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
 
+import nanoseek  # noqa: F401  (before torch: huge pages for every allocation in this process, both frameworks)
 import torch
 import torch.nn.functional as F
 
@@ -174,7 +176,8 @@ def main():
     import transformers
 
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"device {device}, dtype {'bf16 autocast' if device.type == 'cuda' else 'fp32'}")
+          f"device {device}, dtype {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}")
     print(f"preset {args.preset}, batch {args.batch} x seq {args.seq}, AdamW, median of {args.steps} steps; "
           f"measured GEMM peak {peak / 1e9:.0f} GFLOP/s")
     share, ms = routing_share(cfg, args.batch, args.seq)

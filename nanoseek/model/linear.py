@@ -5,8 +5,9 @@ Decoding multiplies a few rows by each weight: memory-bound GEMVs. This MKL runs
   row-major (out, in) weight; so is a per-expert loop of x W^T (grouped_mm on CPU) against W x^T.
 - one row is a single-threaded GEMV (~13 GB/s); as one `bmm` over the weight's rows cut into one block per
   intra-op thread, each thread runs a GEMV on its block and the weight streams at ~25 GB/s (2 threads).
-Training (autograd on), other devices and many rows keep F.linear. Results equal F.linear's up to summation
-order.
+The right-hand operand (x^T, or its broadcast over the blocks) is built once per input by `rows_t` and shared
+by the products that read the same rows (`project`). Training (autograd on), other devices and many rows
+keep F.linear. Results equal F.linear's up to summation order.
 """
 
 from __future__ import annotations
@@ -23,23 +24,52 @@ def few_rows(x: torch.Tensor, rows: int = FEW_ROWS) -> bool:
     return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= rows * x.shape[-1]
 
 
-def matmul_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (n, in) @ w (out, in)^T computed as (w x^T)^T; for one row on CPU, a bmm over `threads` row blocks
-    of w (intra-op threads are CPU threads; Experts' loop also runs on GPUs without grouped_mm)."""
+def rows_t(x: torch.Tensor) -> torch.Tensor:
+    """x (n, in) -> the operand of `mul_wt`: x^T (in, n), or for one row on CPU its broadcast (threads, in, 1)
+    over one row block of the weight per intra-op thread (those threads are CPU threads)."""
     threads = torch.get_num_threads()
-    if x.shape[0] > 1 or threads < 2 or w.shape[0] % threads or not w.is_contiguous() or x.device.type != "cpu":
-        return (w @ x.T).T
-    blocks = torch.bmm(w.view(threads, -1, w.shape[1]), x.T[None].expand(threads, -1, -1))  # (threads, out/threads, 1)
-    return blocks.view(1, -1)
+    if x.shape[0] > 1 or threads < 2 or x.device.type != "cpu":
+        return x.T
+    k, st = x.shape[1], x.stride(1)  # strides of x.T[None].expand(threads, -1, -1), in one op
+    return x.as_strided((threads, k, 1), (0, st, k * st))
+
+
+def blocked(w: torch.Tensor, blocks: int) -> torch.Tensor | None:
+    """w (out, in) viewed as (blocks, out/blocks, in) for `mul_wt`'s one-row bmm; None where it does not split."""
+    if blocks < 2 or w.shape[0] % blocks or not w.is_contiguous():
+        return None
+    return w.view(blocks, -1, w.shape[1])
+
+
+def mul_wt(xt: torch.Tensor, w: torch.Tensor, wb: torch.Tensor | None = None) -> torch.Tensor:
+    """x (n, in) @ w (out, in)^T computed as (w x^T)^T, from xt = rows_t(x); wb: w already `blocked`."""
+    if xt.dim() == 3:
+        wb = wb if wb is not None and wb.shape[0] == xt.shape[0] else blocked(w, xt.shape[0])
+        if wb is not None:
+            return torch.bmm(wb, xt).view(1, -1)  # (blocks, out/blocks, 1)
+        xt = xt[0]
+    return (w @ xt).T
+
+
+def matmul_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (n, in) @ w (out, in)^T on the decoding path (also the per-expert loop on GPUs without grouped_mm)."""
+    return mul_wt(rows_t(x), w)
 
 
 class Linear(nn.Linear):
     """nn.Linear with the decoding fast path above (same parameters, same state-dict names)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not few_rows(x) or x.dtype != self.weight.dtype:
-            return F.linear(x, self.weight, self.bias)
-        y = matmul_wt(x.reshape(-1, x.shape[-1]), self.weight)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.weight.shape[0])
+        return project(x, self)[0]
+
+
+def project(x: torch.Tensor, *layers: nn.Linear) -> list[torch.Tensor]:
+    """[layer(x) for layer in layers]; plain `Linear` layers on a decoding-sized x share its operand."""
+    if not few_rows(x) or any(type(m) is not Linear or m.weight.dtype != x.dtype for m in layers):
+        return [F.linear(x, m.weight, m.bias) if type(m) is Linear else m(x) for m in layers]
+    xt = rows_t(x.reshape(-1, x.shape[-1]))
+    out = []
+    for m in layers:
+        y = mul_wt(xt, m.weight)
+        out.append((y if m.bias is None else y + m.bias).reshape(*x.shape[:-1], m.weight.shape[0]))
+    return out

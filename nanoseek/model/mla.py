@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear
+from nanoseek.model.linear import Linear, project
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
 
@@ -64,12 +64,13 @@ class LatentCache:
         self.fresh = s == top and s > 1 and bool((positions == torch.arange(s, device=positions.device)).all())
         self.mask = torch.arange(top, device=positions.device) <= positions[:, :, None]
         self.decode_mask = None if bool(self.mask.all()) else self.mask  # None: nothing to mask
-        self._rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
+        self._slots = (rows * self.max_len + positions).flatten()  # in the (b * max_len, c + r) view of a layer
 
     def update(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
-        """Write latent (b, s, c + r) at this step's positions; return the cache (b, t, c + r)."""
+        """Write latent (b, s, c + r) or (b s, c + r) at this step's positions; return the cache (b, t, c + r)."""
         buf = self.layers[layer]
-        buf[self._rows, self.positions] = latent.to(buf.dtype)
+        buf.view(-1, buf.shape[-1]).index_copy_(0, self._slots, latent.reshape(-1, buf.shape[-1]).to(buf.dtype))
         return buf[:, : self.length]
 
     def bytes_per_token(self) -> int:
@@ -105,13 +106,14 @@ class MLA(nn.Module):
         b, s, _ = x.shape
         h, dn, r = self.n_heads, self.d_nope, self.rank
         if hasattr(self, "q_proj"):
-            q = self.q_proj(x)
+            q, kv = project(x, self.q_proj, self.kv_a_proj_with_mqa)
         else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+            q, kv = project(x, self.q_a_proj, self.kv_a_proj_with_mqa)
+            q = self.q_b_proj(self.q_a_layernorm(q))
         q = q.view(b, s, h, dn + self.d_rope)  # (b, s, h, d)
         q_nope, q_pe = q.split([dn, self.d_rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.interleave)
-        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, self.d_rope], dim=-1)
+        c_kv, k_pe = kv.split([r, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # (b, s, c)
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)  # (b, s, r)
         if cache is None:
@@ -122,7 +124,8 @@ class MLA(nn.Module):
             if cache.fresh:  # prefill from position 0: causal SDPA over the new tokens (fused kernel)
                 o = self._naive(q_nope, q_pe, c_kv, k_pe, mask=None)
             elif s <= self.absorb_max_query:
-                o = self._absorbed(q_nope, q_pe, latent, cache.decode_mask)
+                o = absorbed(q_nope.flatten(0, 1), q_pe.flatten(0, 1), latent, cache.decode_mask,
+                             *kv_b_views(self.kv_b_proj.weight, h, dn), self.scale)
             else:
                 o = self._naive(q_nope, q_pe, c_all, pe_all, mask=cache.mask)
         return self.o_proj(o.reshape(b, s, h * self.d_v))
@@ -142,18 +145,25 @@ class MLA(nn.Module):
             attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale)
         return o.transpose(1, 2)[..., : self.d_v]  # (b, s, h, d_v)
 
-    def _absorbed(self, q_nope, q_pe, latent, mask):
-        """Attention on the latent cache: scores = [q_nope W_UK, q_pe] . [c_KV, k_pe]; o = (p c_KV) W_UV.
-        Batched matmuls with heads (then rows) as the batch; `mask` None: every row sees all t slots."""
-        b, s, h, dn = q_nope.shape
-        c = self.rank
-        w = self.kv_b_proj.weight.view(h, dn + self.d_v, c)
-        q_uk = torch.bmm(q_nope.reshape(b * s, h, dn).transpose(0, 1), w[:, :dn])  # (h, b s, c)
-        q_lat = torch.cat([q_uk.transpose(0, 1), q_pe.reshape(b * s, h, -1)], dim=-1).view(b, s * h, -1)
-        scores = torch.bmm(q_lat, latent.transpose(1, 2)).mul_(self.scale)  # (b, s h, t)
-        if mask is not None:
-            scores = scores.view(b, s, h, -1).masked_fill_(~mask[:, :, None, :], float("-inf")).view(b, s * h, -1)
-        p = scores.float().softmax(dim=-1).to(latent.dtype)
-        o_lat = torch.bmm(p, latent[..., :c]).view(b * s, h, c).transpose(0, 1)  # (h, b s, c)
-        o = torch.bmm(o_lat, w[:, dn:].transpose(1, 2))  # (h, b s, d_v)
-        return o.transpose(0, 1).reshape(b, s, h, self.d_v)
+
+def absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
+             w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float) -> torch.Tensor:
+    """q_nope (n, h, d_n), RoPE'd q_pe (n, h, r), latent (b, t, c + r) with n = b s, mask (b, s, t) or None (every
+    row sees all t slots), w_uk (h, d_n, c), w_uv_t (h, c, d_v) -> o (n, h, d_v). Batched matmuls, heads (then
+    rows) as the batch."""
+    n, h, _ = q_nope.shape
+    b, t, c = latent.shape[0], latent.shape[1], w_uk.shape[-1]
+    q_uk = torch.bmm(q_nope.transpose(0, 1), w_uk)  # (h, n, c)
+    q_lat = torch.cat([q_uk.transpose(0, 1), q_pe], dim=-1).view(b, -1, latent.shape[-1])  # (b, s h, c + r)
+    scores = torch.bmm(q_lat, latent.transpose(1, 2)).mul_(scale)  # (b, s h, t)
+    if mask is not None:
+        scores = scores.view(b, -1, h, t).masked_fill_(~mask[:, :, None, :], float("-inf"))
+    p = scores.float().softmax(dim=-1).to(latent.dtype).view(b, -1, t)
+    o_lat = torch.bmm(p, latent[..., :c]).view(n, h, c).transpose(0, 1)  # (h, n, c)
+    return torch.bmm(o_lat, w_uv_t).transpose(0, 1)  # (n, h, d_v)
+
+
+def kv_b_views(kv_b: torch.Tensor, h: int, d_nope: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """kv_b_proj.weight (h (d_n + d_v), c) -> W_UK (h, d_n, c), W_UV^T (h, c, d_v): views, no copies."""
+    w = kv_b.view(h, -1, kv_b.shape[1])
+    return w[:, :d_nope], w[:, d_nope:].transpose(1, 2)

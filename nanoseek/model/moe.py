@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear, few_rows, matmul_wt
+from nanoseek.model.linear import Linear, few_rows, matmul_wt, project
 
 
 class MLP(nn.Module):
@@ -38,7 +38,8 @@ class MLP(nn.Module):
         self.down_proj = Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = project(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class RouterStats(NamedTuple):
@@ -70,7 +71,10 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (t, H) -> weights (t, k) fp32, expert ids (t, k), affinities s (t, e) fp32."""
-        logits = F.linear(x.float(), self.weight.float())
+        return self.route(F.linear(x.float(), self.weight.float()))
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits x W_g^T (t, e) fp32 -> weights, expert ids, affinities (as forward)."""
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores + self.e_score_correction_bias if self.method == "noaux_tc" else scores
         if self.method != "greedy" and self.topk_group < self.n_group:

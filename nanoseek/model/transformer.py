@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model import decode
 from nanoseek.model.block import Block
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import Experts, Gate, MoE, RouterStats
@@ -85,10 +86,23 @@ class Transformer(nn.Module):
 
     def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         device = self.embed_tokens.weight.device
-        if self._rope is None or self._rope[0].device != device:  # fp32 table, never cast with the model
+        if self._rope is None or self._rope[0].device != device:  # fp32 tables, never cast with the model
             cos, sin = rope_table(self.config, self.config.max_position_embeddings)
-            self._rope = (cos.to(device), sin.to(device))
+            cis = torch.complex(cos, sin) if self.config.rope_interleave else None
+            self._rope = (cos.to(device), sin.to(device), cis if cis is None else cis.to(device))
         return self._rope[0][positions], self._rope[1][positions]  # (b, s, d_r / 2)
+
+    def _decoding(self, s: int, cache: LatentCache | None) -> tuple[decode.Plan, decode.Rope] | None:
+        """For a cached step of s <= absorb_max_query new tokens per row (after `cache.begin`), without autograd:
+        the decoding plan and the RoPE factors of the rows (None: the modules' path)."""
+        if cache is None or cache.fresh or s > self.layers[0].self_attn.absorb_max_query or torch.is_grad_enabled():
+            return None
+        plan = decode.plan_for(self)
+        if plan is None:
+            return None
+        pos = cache.positions.reshape(-1)
+        cos, sin = self._cos_sin(pos)
+        return plan, decode.Rope(cos, sin, None if self._rope[2] is None else self._rope[2][pos])
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -116,6 +130,11 @@ class Transformer(nn.Module):
             cache.begin(positions)
         elif positions.shape != input_ids.shape or int(positions.max()) >= cfg.max_position_embeddings:
             raise ValueError(f"positions must have shape {tuple(input_ids.shape)} and be < max_position_embeddings")
+        decoding = self._decoding(s, cache)
+        if decoding is not None:
+            plan, rope = decoding
+            h = plan.forward(input_ids, rope, cache).view(b, s, -1)
+            return ModelOutput(logits=self.lm_head(h if logits_at is None else _take(h, logits_at)), hidden=h)
         cos, sin = self._cos_sin(positions)
         train = cache is None
         emb = self.embed_tokens(input_ids)
@@ -154,8 +173,13 @@ class Transformer(nn.Module):
         if not self.mtp:
             raise ValueError("this model has no MTP module (num_nextn_predict_layers=0) to draft with")
         cache.begin(positions)
-        cos, sin = self._cos_sin(positions)
-        h, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache, balance_loss=False)
+        decoding = self._decoding(positions.shape[1], cache)
+        if decoding is not None:
+            (plan, rope), H = decoding, hidden.shape[-1]
+            h = plan.draft(hidden.reshape(-1, H), self.embed_tokens(next_ids).view(-1, H), rope, cache).view(hidden.shape)
+        else:
+            cos, sin = self._cos_sin(positions)
+            h, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache, balance_loss=False)
         return self.lm_head(h if logits_at is None else _take(h, logits_at))
 
     # ------------------------------------------------------------------ Hugging Face names (spec section 10)

@@ -2,7 +2,7 @@ import torch
 
 from nanoseek import ModelConfig
 from nanoseek.config import yarn_example
-from nanoseek.model.mla import MLA, LatentCache
+from nanoseek.model.mla import MLA, LatentCache, absorbed, kv_b_views
 from nanoseek.model.rope import rope_table
 from tests.conftest import tiny_model
 
@@ -19,8 +19,9 @@ def test_absorbed_equals_naive():
     mask = torch.rand(b, s, t) < 0.7
     mask[..., 0] = True
     naive = mla._naive(q_nope, q_pe, c_kv, k_pe, mask)
-    absorbed = mla._absorbed(q_nope, q_pe, torch.cat([c_kv, k_pe], -1), mask)
-    torch.testing.assert_close(absorbed, naive, atol=1e-5, rtol=1e-5)
+    w_uk, w_uv_t = kv_b_views(mla.kv_b_proj.weight, h, dn)
+    o = absorbed(q_nope.flatten(0, 1), q_pe.flatten(0, 1), torch.cat([c_kv, k_pe], -1), mask, w_uk, w_uv_t, mla.scale)
+    torch.testing.assert_close(o.view(b, s, h, -1), naive, atol=1e-5, rtol=1e-5)
 
 
 def test_cache_holds_only_the_latent():
