@@ -95,8 +95,9 @@ class _MoE:
             xi, yi = (x, y) if n == 1 else (x[i:i + 1], y[i:i + 1])
             xit = xt if n == 1 else rows_t(xi)
             for e, w in zip(ids, ws):
-                gate, up = mul_wt(xit, *self.gate_up[e]).split(self.I, dim=-1)
-                yi.add_(mul_wt(rows_t(F.silu(gate).mul_(up).mul_(w)), *self.down[e]))
+                gu = mul_wt(xit, *self.gate_up[e])
+                a = F.silu(gu[:, :self.I]).mul_(gu[:, self.I:])
+                yi.add_(mul_wt(rows_t(a), *self.down[e]), alpha=w)
         return y
 
 
