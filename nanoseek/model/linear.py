@@ -5,8 +5,8 @@ Decoding multiplies a few rows by each weight: memory-bound GEMVs. This MKL runs
   row-major (out, in) weight; so is a per-expert loop of x W^T (grouped_mm on CPU) against W x^T.
 - one row is a single-threaded GEMV (~13 GB/s); as one `bmm` over the weight's rows cut into one block per
   intra-op thread, each thread runs a GEMV on its block and the weight streams at ~25 GB/s (2 threads).
-The right-hand operand (x^T, or its broadcast over the blocks) is built once per input by `rows_t` and shared
-by the products that read the same rows (`project`). Training (autograd on), other devices and many rows
+The right-hand operand (x^T, or its broadcast over the blocks) is built once per input by `rows_t`, so the
+products that read the same rows can share it (model/decode.py). Training (autograd on), other devices and many rows
 keep F.linear. Results equal F.linear's up to summation order.
 """
 
@@ -60,16 +60,9 @@ class Linear(nn.Linear):
     """nn.Linear with the decoding fast path above (same parameters, same state-dict names)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return project(x, self)[0]
-
-
-def project(x: torch.Tensor, *layers: nn.Linear) -> list[torch.Tensor]:
-    """[layer(x) for layer in layers]; plain `Linear` layers on a decoding-sized x share its operand."""
-    if not few_rows(x) or any(type(m) is not Linear or m.weight.dtype != x.dtype for m in layers):
-        return [F.linear(x, m.weight, m.bias) if type(m) is Linear else m(x) for m in layers]
-    xt = rows_t(x.reshape(-1, x.shape[-1]))
-    out = []
-    for m in layers:
-        y = mul_wt(xt, m.weight)
-        out.append((y if m.bias is None else y + m.bias).reshape(*x.shape[:-1], m.weight.shape[0]))
-    return out
+        if not few_rows(x) or x.dtype != self.weight.dtype:
+            return F.linear(x, self.weight, self.bias)
+        y = matmul_wt(x.reshape(-1, x.shape[-1]), self.weight)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.weight.shape[0])

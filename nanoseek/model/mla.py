@@ -8,8 +8,9 @@ Shapes: b batch, s query length, t key length, h heads, d head dims, c latent (r
 
 Two equal ways to compute it:
 - naive (training, prefill): expand the latent to per-head K and V and call SDPA.
-- absorbed (decoding): fold W_UK into the query and W_UV after the weighted sum, so attention runs on the
-  latent cache directly: MQA with one KV head of key dim c + r and value dim c. The cache holds
+- absorbed (decoding, `absorbed` below, called by model/decode.py): fold W_UK into the query and W_UV after
+  the weighted sum, so attention runs on the latent cache directly: MQA with one KV head of key dim c + r and
+  value dim c. The cache holds
   kv_norm(c_KV) and RoPE'd k_pe: c + r numbers per token per layer, nothing else.
 """
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear, project
+from nanoseek.model.linear import Linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
 
@@ -106,14 +107,13 @@ class MLA(nn.Module):
         b, s, _ = x.shape
         h, dn, r = self.n_heads, self.d_nope, self.rank
         if hasattr(self, "q_proj"):
-            q, kv = project(x, self.q_proj, self.kv_a_proj_with_mqa)
+            q = self.q_proj(x)
         else:
-            q, kv = project(x, self.q_a_proj, self.kv_a_proj_with_mqa)
-            q = self.q_b_proj(self.q_a_layernorm(q))
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(b, s, h, dn + self.d_rope)  # (b, s, h, d)
         q_nope, q_pe = q.split([dn, self.d_rope], dim=-1)
         q_pe = apply_rope(q_pe, cos, sin, self.interleave)
-        c_kv, k_pe = kv.split([r, self.d_rope], dim=-1)
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([r, self.d_rope], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)  # (b, s, c)
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)  # (b, s, r)
         if cache is None:
