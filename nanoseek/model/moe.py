@@ -113,7 +113,7 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # assignment slots sorted by expert
         counts = torch.bincount(flat, minlength=E)
         token = order // k
-        xs = x[token]  # (t*k, H), grouped by expert
+        xs = x.index_select(0, token)  # (t*k, H), grouped by expert
         # decoding (up to ~64 rows per expert, no autograd): a loop of W x^T beats grouped_mm's x W^T
         mm = self._mm_few if few_rows(xs, 64 * E) else self._mm
         gate, up = mm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
