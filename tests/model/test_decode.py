@@ -78,3 +78,25 @@ def test_plan_tracks_in_place_updates_in_its_output():
         full = model(ids).logits[:, 6:]
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, full, atol=1e-4, rtol=1e-4)
+
+
+def test_plan_without_row_blocks_or_direct_experts(monkeypatch):
+    """The branches GPUs take (no per-thread row blocks, routed experts through Experts.forward) give the same
+    logits as the module path."""
+    model = tiny_model()
+    ids = torch.randint(0, model.config.vocab_size, (2, 14))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch.no_grad():
+            plan = decode.plan_for(model)
+            for layer in plan.layers + [m[3] for m in plan.mtp]:
+                if isinstance(layer.ffn, decode._MoE):
+                    layer.ffn.direct_rows = 0
+            planned = _steps(model, ids, 6, 1)
+            monkeypatch.setattr(decode, "plan_for", lambda m: None)
+            modules = _steps(model, ids, 6, 1)
+    finally:
+        torch.set_num_threads(threads)
+    for a, m in zip(planned, modules):
+        torch.testing.assert_close(a, m, atol=1e-5, rtol=1e-5)
