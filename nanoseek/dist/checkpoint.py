@@ -31,7 +31,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from nanoseek.dist.ep import ExpertParallel
 from nanoseek.dist.parallel import Parallel
-from nanoseek.train.checkpoint import CheckpointError, _write, load_tensors, param_groups, publish, read_state, staging
+from nanoseek.train.checkpoint import (CheckpointError, _write, load_tensors, param_groups, param_names, publish,
+                                       read_state, staging)
 
 
 def _expert_view(model, name: str, t: torch.Tensor, par: Parallel | None) -> torch.Tensor:
@@ -74,12 +75,10 @@ def state_tensors(model, optimizer, par: Parallel | None) -> dict[str, torch.Ten
     global shapes in a distributed run (routed experts as whole-layer views), plain tensors otherwise.
     Loading writes into them in place."""
     out = {f"model.{k}": _expert_view(model, k, v, par) for k, v in model.state_dict().items()}
-    names = {id(p): n for n, p in model.named_parameters()}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for key, value in optimizer.state.get(p, {}).items():
-                view = _expert_view(model, names[id(p)], value, par) if value.shape == p.shape else value
-                out[f"optim.{names[id(p)]}.{key}"] = view
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    for name, p in zip(param_names(model, optimizer), params):
+        for key, value in optimizer.state.get(p, {}).items():
+            out[f"optim.{name}.{key}"] = _expert_view(model, name, value, par) if value.shape == p.shape else value
     return out
 
 

@@ -48,7 +48,7 @@ def model_tensors(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().contiguous().cpu().clone() for k, v in model.hf_state_dict(mtp_copies=False).items()}
 
 
-def _param_names(model, optimizer) -> list[str]:
+def param_names(model, optimizer) -> list[str]:
     """The model's name for each parameter, in the optimizer's order (its state is keyed by that index)."""
     names = {id(p): n for n, p in model.named_parameters()}
     return [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
@@ -61,7 +61,7 @@ def param_groups(optimizer) -> list[dict]:
 
 def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
     """AdamW state keyed by parameter name."""
-    names = _param_names(model, optimizer)
+    names = param_names(model, optimizer)
     return {f"{names[idx]}.{key}": value.detach().contiguous().cpu().clone()
             for idx, state in optimizer.state_dict()["state"].items() for key, value in state.items()}
 
@@ -155,7 +155,7 @@ def _load_optimizer(path: Path, model, optimizer, state: dict) -> None:
         by_param.setdefault(name, {})[state_key] = value
     params = [p for g in optimizer.param_groups for p in g["params"]]
     restored = {}
-    for idx, (name, p) in enumerate(zip(_param_names(model, optimizer), params)):
+    for idx, (name, p) in enumerate(zip(param_names(model, optimizer), params)):
         entry = by_param.get(name)
         if not entry:
             raise CheckpointError(f"{file} has no optimizer state for {name}")
