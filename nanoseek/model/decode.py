@@ -116,23 +116,30 @@ class _Block:
         self.o = _w(a.o_proj.weight, blocks)
         self.ffn = _MoE(blk.mlp, blocks) if isinstance(blk.mlp, MoE) else _MLP(blk.mlp, blocks)
 
-    def attention(self, x: torch.Tensor, rope: Rope, cache) -> torch.Tensor:
-        """x (n, H) normed -> MLA output (n, H); writes this layer's latents into the cache."""
-        n, c, dn = x.shape[0], self.c, self.dn
+    def attention(self, x: torch.Tensor, rope: Rope, cache, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """x (n, H) normed -> MLA output (n, H), or at the rows `keep` only; writes every row's latent."""
+        c, dn = self.c, self.dn
         xt = rows_t(x)
+        kv = mul_wt(xt, *self.kv_a)
+        latent = cache.update(self.layer, torch.cat([rms_norm(kv[:, :c], *self.kv_norm), rotate(kv[:, c:], rope)], -1))
+        mask = cache.decode_mask
+        if keep is not None:
+            x, rope = x.index_select(0, keep), Rope(*(f if f is None else f.index_select(0, keep) for f in rope))
+            xt = rows_t(x)
+            mask = None if mask is None else mask.flatten(0, 1).index_select(0, keep).view(mask.shape[0], -1, mask.shape[2])
+        n = x.shape[0]
         if self.q_a is None:
             q = mul_wt(xt, *self.q_b)
         else:
             q = mul_wt(rows_t(rms_norm(mul_wt(xt, *self.q_a), *self.q_norm)), *self.q_b)
         q = q.view(n, self.h, dn + self.dr)
-        kv = mul_wt(xt, *self.kv_a)
-        latent = cache.update(self.layer, torch.cat([rms_norm(kv[:, :c], *self.kv_norm), rotate(kv[:, c:], rope)], -1))
-        o = absorbed(q[..., :dn], rotate(q[..., dn:], rope), latent, cache.decode_mask, self.w_uk, self.w_uv_t,
-                     self.scale)
+        o = absorbed(q[..., :dn], rotate(q[..., dn:], rope), latent, mask, self.w_uk, self.w_uv_t, self.scale)
         return mul_wt(rows_t(o.reshape(n, -1)), *self.o)
 
-    def __call__(self, h: torch.Tensor, rope: Rope, cache) -> torch.Tensor:
-        h = h + self.attention(rms_norm(h, *self.norm1), rope, cache)
+    def __call__(self, h: torch.Tensor, rope: Rope, cache, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """One layer on rows h (n, H); with `keep`, its output at those rows only (the MTP draft's position)."""
+        a = self.attention(rms_norm(h, *self.norm1), rope, cache, keep)
+        h = (h if keep is None else h.index_select(0, keep)) + a
         x = rms_norm(h, *self.norm2)
         return h.add_(self.ffn(x, rows_t(x)))
 
@@ -175,12 +182,14 @@ class Plan:
         return rms_norm(h, *self.norm)
 
     @torch.no_grad()
-    def draft(self, hidden: torch.Tensor, emb_next: torch.Tensor, rope: Rope, cache) -> torch.Tensor:
+    def draft(self, hidden: torch.Tensor, emb_next: torch.Tensor, rope: Rope, cache,
+              keep: torch.Tensor | None = None) -> torch.Tensor:
         """MTP depth 1 on rows (n, H): the main model's final hidden and the next tokens' embeddings -> the
-        normed hidden for the shared head."""
+        normed hidden for the shared head, at the rows `keep` (n_keep,) only if given (all rows write their
+        latents into the MTP layer's cache)."""
         enorm, hnorm, eh_proj, block, out_norm = self.mtp[0]
         x = torch.cat([rms_norm(emb_next, *enorm), rms_norm(hidden, *hnorm)], dim=-1)
-        return rms_norm(block(mul_wt(rows_t(x), *eh_proj), rope, cache), *out_norm)
+        return rms_norm(block(mul_wt(rows_t(x), *eh_proj), rope, cache, keep), *out_norm)
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Plan (not copied with the model)

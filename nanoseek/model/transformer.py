@@ -174,9 +174,11 @@ class Transformer(nn.Module):
             raise ValueError("this model has no MTP module (num_nextn_predict_layers=0) to draft with")
         cache.begin(positions)
         decoding = self._decoding(positions.shape[1], cache)
-        if decoding is not None:
-            (plan, rope), H = decoding, hidden.shape[-1]
-            h = plan.draft(hidden.reshape(-1, H), self.embed_tokens(next_ids).view(-1, H), rope, cache).view(hidden.shape)
+        if decoding is not None:  # the MTP layer's output only at logits_at (every row writes its latent)
+            (plan, rope), (b, s, H) = decoding, hidden.shape
+            keep = None if logits_at is None else (torch.arange(b, device=hidden.device)[:, None] * s + logits_at).flatten()
+            h = plan.draft(hidden.reshape(-1, H), self.embed_tokens(next_ids).view(-1, H), rope, cache, keep)
+            return self.lm_head(h.view(b, -1, H))
         else:
             cos, sin = self._cos_sin(positions)
             h, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache, balance_loss=False)

@@ -21,8 +21,9 @@ def _steps(model, ids, prefill, s):
     for i in range(prefill, T - s + 1, s):
         out = model(ids[:, i:i + s], pos[:, i:i + s], cache)
         logits.append(out.logits)
-        drafts.append(model.draft(out.hidden, ids[:, i + 1:i + s + 1] if i + s < T else ids[:, i:i + s],
-                                  pos[:, i:i + s], cache))
+        at = torch.arange(b)[:, None] % s if i % 2 else None  # per-row positions of the draft, or all
+        d = model.draft(out.hidden, ids[:, i + 1:i + s + 1] if i + s < T else ids[:, i:i + s], pos[:, i:i + s], cache, at)
+        drafts.append(d if at is None else d.expand(-1, s, -1))
     return torch.cat(logits, 1), torch.cat(drafts, 1)
 
 
