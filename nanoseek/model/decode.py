@@ -9,7 +9,8 @@ or parameter lookup). `Plan` computes the same functions of the same parameters 
 - products that read the same rows share one GEMV operand (q_a / kv_a; router, shared and routed experts);
 - RoPE on DeepSeek's interleaved pairs is one complex product with cos + i sin (looked up once per step);
 - the new latents go to the cache with one index_copy_ (`LatentCache.update`);
-- a single token's routed experts run directly (no sort, scatter or count); router statistics are not kept.
+- each of up to 4 tokens' routed experts run directly (no sort, scatter or count); router statistics are
+  not kept; the MTP draft computes its layer's output only at the draft position (`keep`).
 The plan views the parameters' storage, so in-place updates (optimizer steps, load_state_dict) are seen;
 `Plan.valid` notices replaced parameters or modules, moved weights and a new thread count.
 """
