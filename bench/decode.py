@@ -582,7 +582,8 @@ def main():
     results.update(torch=torch.__version__, transformers=transformers.__version__, code=code_version(),
                    threads=torch.get_num_threads(), gemm_peak_gflops=peak / 1e9, read_bandwidth_gbs=bw)
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-        f"fp32, CPU ({os.cpu_count()} cores), THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; GEMM peak {peak / 1e9:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s; "
+        f"fp32, CPU ({os.cpu_count()} cores), THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; "
+        f"GEMM peak {peak / 1e9:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s; "
         f"other processes busy {busy0:.2f} cores at the start; nanoseek {results['code']}")
     ours = build_ours(cfg)
     hf = None if args.skip_hf else build_hf(cfg, ours)

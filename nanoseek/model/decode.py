@@ -111,7 +111,8 @@ class _Block:
         if hasattr(a, "q_proj"):
             self.q_a, self.q_norm, self.q_b = None, None, _w(a.q_proj.weight, blocks)
         else:
-            self.q_a, self.q_norm, self.q_b = _w(a.q_a_proj.weight, blocks), _norm(a.q_a_layernorm), _w(a.q_b_proj.weight, blocks)
+            self.q_a, self.q_norm = _w(a.q_a_proj.weight, blocks), _norm(a.q_a_layernorm)
+            self.q_b = _w(a.q_b_proj.weight, blocks)
         self.kv_a, self.kv_norm = _w(a.kv_a_proj_with_mqa.weight, blocks), _norm(a.kv_a_layernorm)
         self.w_uk, self.w_uv_t = kv_b_views(a.kv_b_proj.weight, a.n_heads, a.d_nope)
         self.o = _w(a.o_proj.weight, blocks)
@@ -127,7 +128,8 @@ class _Block:
         if keep is not None:
             x, rope = x.index_select(0, keep), Rope(*(f if f is None else f.index_select(0, keep) for f in rope))
             xt = rows_t(x)
-            mask = None if mask is None else mask.flatten(0, 1).index_select(0, keep).view(mask.shape[0], -1, mask.shape[2])
+            if mask is not None:  # (b, s, t) -> the kept queries' rows (b, s_keep, t)
+                mask = mask.flatten(0, 1).index_select(0, keep).view(mask.shape[0], -1, mask.shape[2])
         n = x.shape[0]
         if self.q_a is None:
             q = mul_wt(xt, *self.q_b)

@@ -6,8 +6,8 @@ Decoding multiplies a few rows by each weight: memory-bound GEMVs. This MKL runs
 - one row is a single-threaded GEMV (~13 GB/s); as one `bmm` over the weight's rows cut into one block per
   intra-op thread, each thread runs a GEMV on its block and the weight streams at ~25 GB/s (2 threads).
 The right-hand operand (x^T, or its broadcast over the blocks) is built once per input by `rows_t`, so the
-products that read the same rows can share it (model/decode.py). Training (autograd on), other devices and many rows
-keep F.linear. Results equal F.linear's up to summation order.
+products that read the same rows can share it (model/decode.py). Training (autograd on), other devices and
+many rows keep F.linear. Results equal F.linear's up to summation order.
 """
 
 from __future__ import annotations

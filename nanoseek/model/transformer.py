@@ -176,12 +176,12 @@ class Transformer(nn.Module):
         decoding = self._decoding(positions.shape[1], cache)
         if decoding is not None:  # the MTP layer's output only at logits_at (every row writes its latent)
             (plan, rope), (b, s, H) = decoding, hidden.shape
-            keep = None if logits_at is None else (torch.arange(b, device=hidden.device)[:, None] * s + logits_at).flatten()
+            keep = None if logits_at is None else (torch.arange(b, device=hidden.device)[:, None] * s
+                                                    + logits_at).flatten()
             h = plan.draft(hidden.reshape(-1, H), self.embed_tokens(next_ids).view(-1, H), rope, cache, keep)
             return self.lm_head(h.view(b, -1, H))
-        else:
-            cos, sin = self._cos_sin(positions)
-            h, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache, balance_loss=False)
+        cos, sin = self._cos_sin(positions)
+        h, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache, balance_loss=False)
         return self.lm_head(h if logits_at is None else _take(h, logits_at))
 
     # ------------------------------------------------------------------ Hugging Face names (spec section 10)

@@ -22,7 +22,8 @@ def _steps(model, ids, prefill, s):
         out = model(ids[:, i:i + s], pos[:, i:i + s], cache)
         logits.append(out.logits)
         at = torch.arange(b)[:, None] % s if i % 2 else None  # per-row positions of the draft, or all
-        d = model.draft(out.hidden, ids[:, i + 1:i + s + 1] if i + s < T else ids[:, i:i + s], pos[:, i:i + s], cache, at)
+        nxt = ids[:, i + 1:i + s + 1] if i + s < T else ids[:, i:i + s]
+        d = model.draft(out.hidden, nxt, pos[:, i:i + s], cache, at)
         drafts.append(d if at is None else d.expand(-1, s, -1))
     return torch.cat(logits, 1), torch.cat(drafts, 1)
 
