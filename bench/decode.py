@@ -378,21 +378,45 @@ def spec_timed(model, prompts: list[list[int]], batch: int, speculative: bool, m
                 drafted=engine.stats["drafted"], accepted=engine.stats["accepted"], n_tokens=n_tokens)
 
 
-def spec_compare(model, prompts, batch, reps, max_tokens, tok=None) -> dict:
-    runs = {False: [], True: []}
+class Spoiler:
+    """Lowers the MTP acceptance on purpose, for the acceptance sweep: with probability p a row's draft becomes the
+    MTP module's second choice (rejected unless the main model prefers it). Greedy output is unchanged
+    (verification is exact); the extra ops (~20 us per step) count against speculation."""
+
+    def __init__(self, draft, p: float, seed: int = 0):
+        self.draft, self.p, self.g = draft, p, torch.Generator().manual_seed(seed)
+
+    def __call__(self, *args, **kwargs):
+        logits = self.draft(*args, **kwargs)  # (b, k, V)
+        hit = torch.rand(logits.shape[:2], generator=self.g) < self.p
+        second = logits.scatter(-1, logits.argmax(-1, keepdim=True), float("-inf"))
+        return torch.where(hit[..., None], second, logits)
+
+
+def spec_compare(model, prompts, batch, reps, max_tokens, tok=None, spoil=(0.0,)) -> list[dict]:
+    """Plain vs speculative greedy decoding, interleaved; one row per spoil probability (Spoiler)."""
+    runs = {None: [], **{p: [] for p in spoil}}
     spec_timed(model, prompts[:batch], batch, False, 4, tok)  # warm-up
     spec_timed(model, prompts[:batch], batch, True, 4, tok)
     for _ in range(reps):
-        for s in (False, True):
-            runs[s].append(spec_timed(model, prompts, batch, s, max_tokens, tok))
-    base, spec = runs[False], runs[True]
-    d0, d1 = median([r["decode_tok_s"] for r in base]), median([r["decode_tok_s"] for r in spec])
-    e0, e1 = median([r["e2e_tok_s"] for r in base]), median([r["e2e_tok_s"] for r in spec])
-    return dict(batch=batch, requests=len(prompts), reps=reps, tokens=base[0]["n_tokens"],
-                decode_tok_s=d0, decode_tok_s_spec=d1, speedup=d1 / d0, e2e_tok_s=e0, e2e_tok_s_spec=e1,
-                e2e_speedup=e1 / e0, acceptance=spec[0]["acceptance"],
-                steps=base[0]["steps"], steps_spec=spec[0]["steps"],
-                identical=all(r["tokens"] == base[0]["tokens"] for r in base + spec))
+        for p in runs:
+            if p:
+                model.draft = Spoiler(model.draft, p)  # an instance attribute over the method
+            try:
+                runs[p].append(spec_timed(model, prompts, batch, p is not None, max_tokens, tok))
+            finally:
+                model.__dict__.pop("draft", None)
+    base = runs.pop(None)
+    d0, e0 = median([r["decode_tok_s"] for r in base]), median([r["e2e_tok_s"] for r in base])
+    out = []
+    for p, spec in runs.items():
+        d1, e1 = median([r["decode_tok_s"] for r in spec]), median([r["e2e_tok_s"] for r in spec])
+        out.append(dict(batch=batch, requests=len(prompts), reps=reps, tokens=base[0]["n_tokens"], spoil=p,
+                        decode_tok_s=d0, decode_tok_s_spec=d1, speedup=d1 / d0, e2e_tok_s=e0, e2e_tok_s_spec=e1,
+                        e2e_speedup=e1 / e0, acceptance=spec[0]["acceptance"],
+                        steps=base[0]["steps"], steps_spec=spec[0]["steps"],
+                        identical=all(r["tokens"] == base[0]["tokens"] for r in base + spec)))
+    return out
 
 
 def mtp_section(checkpoint: str, quick: bool, log, guard) -> dict | None:
@@ -411,10 +435,12 @@ def mtp_section(checkpoint: str, quick: bool, log, guard) -> dict | None:
     problems = heldout(max(n1, n16))
     prompts = [tok.apply_chat([{"role": "user", "content": p.prompt}]) for p in problems]
     reps = 1 if quick else 3
-    out = dict(checkpoint=str(checkpoint), preset=model.config.summary() if hasattr(model.config, "summary") else "",
-               bs1=guard("mtp b1", lambda: spec_compare(model, prompts[:n1], 1, reps, 96, tok)),
-               bs16=guard("mtp b16", lambda: spec_compare(model, prompts[:n16], 16, reps, 96, tok)))
-    return out
+    # the acceptance sweep: drafts spoiled with probability 1 - a / a0 bring the acceptance a0 down to ~a
+    a0 = spec_compare(model, prompts[:n1], 1, 1, 32, tok)[0]["acceptance"]
+    spoil = (0.0, *(max(0.0, 1 - a / a0) for a in (0.8, 0.7, 0.6) if a < a0))
+    return dict(checkpoint=str(checkpoint), preset=model.config.summary() if hasattr(model.config, "summary") else "",
+                bs1=guard("mtp b1", lambda: spec_compare(model, prompts[:n1], 1, reps, 96, tok, spoil)),
+                bs16=guard("mtp b16", lambda: spec_compare(model, prompts[:n16], 16, reps, 96, tok, spoil[:1] + spoil[1:][-1:])))
 
 
 # ---------------------------------------------------------------------------------------------- profile
@@ -426,7 +452,7 @@ def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P
     from nanoseek.model.moe import Experts, Gate
 
     acc = collections.defaultdict(float)
-    handles, patches = [], []
+    patches = []
     depth = collections.Counter()
 
     def timed(key, fn):
@@ -455,12 +481,9 @@ def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P
             (decode._MLP, "__call__", lambda a: "moe: shared expert" if depth["moe"] else "dense FFN (layer 0)"),
             (Gate, "route", "moe: router"), (Experts, "forward", "moe: grouped experts (> 4 tokens)"),
             (decode, "rms_norm", "norms"), (decode, "mul_wt", "products (GEMVs) in the layers"),
-            (decode, "rotate", "attention: RoPE"), (engine_mod, "sample", "sampling")]:
+            (decode, "rotate", "attention: RoPE"), (decode.Plan, "logits", "lm_head"),
+            (engine_mod, "sample", "sampling")]:
         patch(owner, name, key)
-    hook_pre = ours.lm_head.register_forward_pre_hook(lambda m, a: setattr(m, "_bench_t0", time.perf_counter()))
-    hook_post = ours.lm_head.register_forward_hook(lambda m, a, o: acc.__setitem__(
-        "lm_head", acc["lm_head"] + time.perf_counter() - m._bench_t0))
-    handles += [hook_pre, hook_post]
     decode._PLANS.pop(ours, None)  # the plan binds Gate.route when it is built: rebuild it with the timer
     try:
         engine = Engine(ours, max_batch=batch, max_len=P + steps + 16, prefill_tokens=batch * P)
@@ -476,8 +499,6 @@ def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P
         step_s = (time.perf_counter() - t0) / steps
         per = {k: v / steps * 1e3 for k, v in acc.items()}
     finally:
-        for h in handles:
-            h.remove()
         for owner, name, orig in patches:
             setattr(owner, name, orig)
         decode._PLANS.pop(ours, None)
@@ -494,7 +515,7 @@ def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P
     parts["dense FFN (layer 0)"] = per.get("dense FFN (layer 0)", 0)
     parts["lm_head"] = per.get("lm_head", 0)
     parts["cache.begin (mask)"] = per.get("cache.begin (mask)", 0)
-    parts["forward: rest (checks, RoPE rows, embedding, norms between)"] = fwd - sum(
+    parts["forward: rest (checks, RoPE matrices, embedding, norms between)"] = fwd - sum(
         per.get(k, 0) for k in ("attention", "moe", "dense FFN (layer 0)", "lm_head", "cache.begin (mask)"))
     parts["sampling"] = per.get("sampling", 0)
     parts["engine: rest (ids/pos tensors, emit, retire)"] = step_ms - fwd - per.get("sampling", 0)
@@ -608,7 +629,7 @@ def main():
     if not args.quick:
         g = torch.Generator().manual_seed(5)
         prompts = [torch.randint(0, cfg.vocab_size, (128,), generator=g).tolist()]
-        small_spec = guard("small speculative", lambda: spec_compare(ours, prompts, 1, 3, 32))
+        small_spec = guard("small speculative", lambda: spec_compare(ours, prompts, 1, 3, 32)[0])
     results["small_speculative"] = small_spec
     mtp = mtp_section(args.checkpoint, args.quick, log, guard)
     results["mtp"] = mtp
@@ -704,23 +725,24 @@ def main():
             log("(VmHWM could not be reset: the peak includes the build)")
 
     log("\n## MTP speculative decoding (greedy)\n")
-    log("| model | batch | requests | tokens | acceptance | decode tok/s | spec tok/s | speed-up | e2e speed-up | "
-        "steps | spec steps | identical |")
-    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    log("| model | drafts spoiled | batch | requests | tokens | acceptance | decode tok/s | spec tok/s | speed-up | "
+        "e2e speed-up | steps | spec steps | identical |")
+    log("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     spec_rows = []
     if mtp:
-        spec_rows += [("runs/nano (trained)", mtp["bs1"]), ("runs/nano (trained)", mtp["bs16"])]
+        spec_rows += [("runs/nano (trained)", s) for key in ("bs1", "bs16") for s in mtp[key]]
     if small_spec:
         spec_rows.append(("small random init", small_spec))
     for name, s in spec_rows:
-        log(f"| {name} | {s['batch']} | {s['requests']} | {s['tokens']} | {s['acceptance']:.2f} | "
-            f"{s['decode_tok_s']:.0f} | {s['decode_tok_s_spec']:.0f} | {s['speedup']:.2f}x | {s['e2e_speedup']:.2f}x | "
-            f"{s['steps']} | {s['steps_spec']} | {s['identical']} |")
+        log(f"| {name} | {s.get('spoil') or 0:.0%} | {s['batch']} | {s['requests']} | {s['tokens']} | "
+            f"{s['acceptance']:.2f} | {s['decode_tok_s']:.0f} | {s['decode_tok_s_spec']:.0f} | {s['speedup']:.2f}x | "
+            f"{s['e2e_speedup']:.2f}x | {s['steps']} | {s['steps_spec']} | {s['identical']} |")
     if mtp:
-        for key in ("bs1", "bs16"):
-            s = mtp[key]
+        for s in (s for key in ("bs1", "bs16") for s in mtp[key]):
             ok = s["identical"] and (s["speedup"] > 1.0 if s["acceptance"] >= 0.6 else None)
-            flags[f"S1 b{s['batch']}"] = ok
+            flags[f"S1 b{s['batch']} acceptance {s['acceptance']:.2f}"] = ok
+        log("(drafts spoiled: the acceptance sweep, `Spoiler`: that share of drafts replaced by the MTP module's "
+            "second choice; the output stays identical)")
     if small_spec:
         log("(small random init: the MTP module is untrained, so drafts are almost never accepted; the row shows the"
             " cost of a rejected draft)")

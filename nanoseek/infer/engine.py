@@ -170,10 +170,11 @@ class Engine:
         self.running.extend(new)
         self.stats["prefill_tokens"] += int(lens.sum())
         updates = []
+        firsts, ds = first.tolist(), drafts.tolist() if self.speculative else None
         for i, r in enumerate(new):
-            r.pos, r.last = len(r.prompt), int(first[i])
+            r.pos, r.last = len(r.prompt), firsts[i]
             if self.speculative:
-                r.draft, r.draft_q = int(drafts[i]), None if q is None else q[i]
+                r.draft, r.draft_q = ds[i], None if q is None else q[i]
             updates.append(self._emit(r, [r.last]))
         return updates
 
@@ -196,18 +197,18 @@ class Engine:
         pos = torch.tensor([[r.pos, r.pos + 1] for r in rows], device=self.device)
         cache = self.cache.view(slice(0, n))
         out = self.model(ids, pos, cache, mtp=False)  # verify: logits at p predict p + 1, at p + 1 predict p + 2
-        drafts = torch.tensor([r.draft for r in rows], device=self.device)
-        ok, t1 = verify(out.logits[:, 0], drafts, self._draft_q(rows), params, gens)
+        ok, t1 = verify(out.logits[:, 0], ids[:, 1], self._draft_q(rows), params, gens)
         t2 = sample(out.logits[:, 1], params, gens)
         nxt = torch.stack([t1, torch.where(ok, t2, t1)], dim=1)  # tokens at p + 1, p + 2 (the latter if accepted)
         new_drafts, q = propose(self.model.draft(out.hidden, nxt, pos, cache, ok.long()[:, None])[:, 0], params, gens)
+        oks, t1s, t2s, ds = ok.tolist(), t1.tolist(), t2.tolist(), new_drafts.tolist()
         self.stats["drafted"] += n
-        self.stats["accepted"] += int(ok.sum())
+        self.stats["accepted"] += sum(oks)
         updates = []
         for i, r in enumerate(rows):
-            toks = [int(t1[i]), int(t2[i])] if ok[i] else [int(t1[i])]
+            toks = [t1s[i], t2s[i]] if oks[i] else [t1s[i]]
             r.pos, r.last = r.pos + len(toks), toks[-1]
-            r.draft, r.draft_q = int(new_drafts[i]), None if q is None else q[i]
+            r.draft, r.draft_q = ds[i], None if q is None else q[i]
             updates.append(self._emit(r, toks))
         return updates
 

@@ -7,7 +7,7 @@ or parameter lookup). `Plan` computes the same functions of the same parameters 
 - it holds, per layer, the tensors a step reads, viewed once for the products (`linear.blocked`), so a step
   makes no module calls and no weight views; rows stay 2-D (n = b s, H);
 - products that read the same rows share one GEMV operand (q_a / kv_a; router, shared and routed experts);
-- RoPE on DeepSeek's interleaved pairs is one complex product with cos + i sin (looked up once per step);
+- RoPE is one batched product with each row's rotation matrix (built once per step, `rope_matrices`);
 - the new latents go to the cache with one index_copy_ (`LatentCache.update`);
 - each of up to 4 tokens' routed experts run directly (no sort, scatter or count); router statistics are
   not kept; the MTP draft computes its layer's output only at the draft position (`keep`).
@@ -18,37 +18,33 @@ The plan views the parameters' storage, so in-place updates (optimizer steps, lo
 from __future__ import annotations
 
 import weakref
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model.linear import Linear, blocked, mul_wt, rows_t
+from nanoseek.model.linear import Linear, blocked, each_rows_t, mul_wt, rows_t
+from nanoseek.model import norm
 from nanoseek.model.mla import absorbed, kv_b_views
 from nanoseek.model.moe import MLP, Experts, Gate, MoE
-from nanoseek.model.norm import RMSNorm, rms_norm
-from nanoseek.model.rope import apply_rope
+from nanoseek.model.norm import RMSNorm
 
 
-class Rope(NamedTuple):
-    """RoPE factors of the n new tokens: cos, sin (n, d_r/2); cis = cos + i sin for the interleaved layout."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of rows x (n, H) as LayerNorm of [x, -x] (mean 0, variance mean(x^2)) times the weight: one fused
+    kernel, where F.rms_norm is a composite of ~10 small ops on CPU (~0.2 ms per `nano` step)."""
+    if x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return norm.rms_norm(x, weight, eps)
+    H = x.shape[-1]
+    return F.layer_norm(torch.cat([x, x.neg()], -1), (2 * H,), None, None, eps)[:, :H].mul(weight)
 
-    cos: torch.Tensor
-    sin: torch.Tensor
-    cis: torch.Tensor | None
 
-
-def rotate(x: torch.Tensor, rope: Rope) -> torch.Tensor:
-    """RoPE of x (n, [h,] d_r) in fp32, returned in x's dtype (= apply_rope)."""
-    xf = x.float()
-    if rope.cis is None:
-        return apply_rope(xf[None], rope.cos[None], rope.sin[None], interleave=False)[0].to(x.dtype)
-    if xf.stride(-1) != 1 or xf.storage_offset() % 2 or any(st % 2 for st in xf.stride()[:-1]):
-        xf = xf.contiguous()  # complex views need pairs that are adjacent and aligned
-    cis = rope.cis if x.dim() == 2 else rope.cis[:, None]
-    pairs = torch.view_as_complex(xf.unflatten(-1, (-1, 2)))  # (x_2i, x_2i+1) as x_2i + i x_2i+1
-    return torch.view_as_real(pairs * cis).flatten(-2).to(x.dtype)
+def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """RoPE of x (n, h, d_r) by its rows' rotation matrices rot (n, d_r, d_r) (`rope_matrices`): one batched
+    product, in fp32 (returned in x's dtype)."""
+    if x.dtype != rot.dtype:
+        return torch.bmm(x.to(rot.dtype), rot).to(x.dtype)
+    return torch.bmm(x, rot)
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -78,6 +74,8 @@ class _MoE:
         self.gate_up = [_w(gu[e], blocks) for e in range(E)]
         self.down = [_w(down[e], blocks) for e in range(E)]
         self.I = I2 // 2
+        # CPU, 2+ threads, every expert weight in row blocks: the products go straight to bmm
+        self.blocks = blocks if all(w[1] is not None for w in self.gate_up + self.down) else 0
         # up to this many tokens, each token's experts run directly: no sort, scatter or count (the ids go to
         # Python: a sync on GPUs, which take the grouped GEMMs)
         self.direct_rows = 4 if m.experts.gate_up_proj.device.type == "cpu" else 0
@@ -87,19 +85,33 @@ class _MoE:
         logits = mul_wt(xt, *self.router) if x.dtype == torch.float32 else F.linear(x.float(), self.router[0].float())
         weights, idx, _ = self.route(logits)
         y = None if self.shared is None else self.shared(x, xt)
-        n = x.shape[0]
+        (n, H), k = x.shape, idx.shape[1]
         if n > self.direct_rows:
             routed = self.experts(x, idx, weights)[0]
             return routed if y is None else y.add_(routed)
-        y = torch.zeros_like(x) if y is None else y
-        for i, (ids, ws) in enumerate(zip(idx.tolist(), weights.tolist())):  # each token's k experts directly
-            xi, yi = (x, y) if n == 1 else (x[i:i + 1], y[i:i + 1])
-            xit = xt if n == 1 else rows_t(xi)
-            for e, w in zip(ids, ws):
-                gu = mul_wt(xit, *self.gate_up[e])
-                a = F.silu(gu[:, :self.I]).mul_(gu[:, self.I:])
-                yi.add_(mul_wt(rows_t(a), *self.down[e]), alpha=w)
-        return y
+        # each (token, expert) pair: two GEMVs into one buffer; SwiGLU over all pairs at once, then
+        # y_i = shared_i + sum_j w_ij down_j: one batched product with the routing weights
+        pairs = idx.tolist()
+        gu, out = x.new_empty(n * k, 2 * self.I), x.new_empty(n * k, H)
+        rows = [xt] if n == 1 else each_rows_t(x)
+        experts = [e for ids in pairs for e in ids]
+        if self.blocks:  # bmm straight into the buffers (mul_wt's checks and views cost ~15% of the layer)
+            gu_o, out_o = (t.view(n * k, self.blocks, -1, 1).unbind(0) for t in (gu, out))
+            for p, e in enumerate(experts):
+                torch.bmm(self.gate_up[e][1], rows[p // k], out=gu_o[p])
+        else:
+            for p, e in enumerate(experts):
+                mul_wt(rows[p // k], *self.gate_up[e], out=gu[p])
+        a = F.silu(gu[:, :self.I]).mul_(gu[:, self.I:])
+        for p, (a_p, e) in enumerate(zip(each_rows_t(a), experts)):
+            if self.blocks:
+                torch.bmm(self.down[e][1], a_p, out=out_o[p])
+            else:
+                mul_wt(a_p, *self.down[e], out=out[p])
+        weights = weights.to(x.dtype).view(n, 1, k)
+        if y is None:
+            return torch.bmm(weights, out.view(n, k, H)).view(n, H)
+        return torch.baddbmm(y.view(n, 1, H), weights, out.view(n, k, H)).view(n, H)
 
 
 class _Block:
@@ -118,30 +130,31 @@ class _Block:
         self.o = _w(a.o_proj.weight, blocks)
         self.ffn = _MoE(blk.mlp, blocks) if isinstance(blk.mlp, MoE) else _MLP(blk.mlp, blocks)
 
-    def attention(self, x: torch.Tensor, rope: Rope, cache, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def attention(self, x: torch.Tensor, rot: torch.Tensor, cache, keep: torch.Tensor | None = None) -> torch.Tensor:
         """x (n, H) normed -> MLA output (n, H), or at the rows `keep` only; writes every row's latent."""
         c, dn = self.c, self.dn
         xt = rows_t(x)
         kv = mul_wt(xt, *self.kv_a)
-        latent = cache.update(self.layer, torch.cat([rms_norm(kv[:, :c], *self.kv_norm), rotate(kv[:, c:], rope)], -1))
-        mask = cache.decode_mask
+        k_pe = rotate(kv[:, None, c:], rot)[:, 0]
+        latent = cache.update(self.layer, torch.cat([rms_norm(kv[:, :c], *self.kv_norm), k_pe], -1))
+        hidden = cache.hidden
         if keep is not None:
-            x, rope = x.index_select(0, keep), Rope(*(f if f is None else f.index_select(0, keep) for f in rope))
+            x, rot = x.index_select(0, keep), rot.index_select(0, keep)
             xt = rows_t(x)
-            if mask is not None:  # (b, s, t) -> the kept queries' rows (b, s_keep, t)
-                mask = mask.flatten(0, 1).index_select(0, keep).view(mask.shape[0], -1, mask.shape[2])
+            if hidden is not None:  # (b, s, t) -> the kept queries' rows (b, s_keep, t)
+                hidden = hidden.flatten(0, 1).index_select(0, keep).view(hidden.shape[0], -1, hidden.shape[2])
         n = x.shape[0]
         if self.q_a is None:
             q = mul_wt(xt, *self.q_b)
         else:
             q = mul_wt(rows_t(rms_norm(mul_wt(xt, *self.q_a), *self.q_norm)), *self.q_b)
         q = q.view(n, self.h, dn + self.dr)
-        o = absorbed(q[..., :dn], rotate(q[..., dn:], rope), latent, mask, self.w_uk, self.w_uv_t, self.scale)
+        o = absorbed(q[..., :dn], rotate(q[..., dn:], rot), latent, hidden, self.w_uk, self.w_uv_t, self.scale)
         return mul_wt(rows_t(o.reshape(n, -1)), *self.o)
 
-    def __call__(self, h: torch.Tensor, rope: Rope, cache, keep: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, h: torch.Tensor, rot: torch.Tensor, cache, keep: torch.Tensor | None = None) -> torch.Tensor:
         """One layer on rows h (n, H); with `keep`, its output at those rows only (the MTP draft's position)."""
-        a = self.attention(rms_norm(h, *self.norm1), rope, cache, keep)
+        a = self.attention(rms_norm(h, *self.norm1), rot, cache, keep)
         h = (h if keep is None else h.index_select(0, keep)) + a
         x = rms_norm(h, *self.norm2)
         return h.add_(self.ffn(x, rows_t(x)))
@@ -168,6 +181,7 @@ class Plan:
         self.embed = model.embed_tokens.weight
         self.layers = [_Block(b, blocks) for b in model.layers]
         self.norm = _norm(model.norm)
+        self.head = _w(model.lm_head.weight, blocks)
         self.mtp = [(_norm(m.enorm), _norm(m.hnorm), _w(m.eh_proj.weight, blocks), _Block(m, blocks),
                      _norm(m.shared_head["norm"])) for m in model.mtp]
 
@@ -177,22 +191,26 @@ class Plan:
             [p.data_ptr() for p in self._params] == self._ptrs and [type(m) for m in self._mods] == self._types
 
     @torch.no_grad()
-    def forward(self, input_ids: torch.Tensor, rope: Rope, cache) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, rot: torch.Tensor, cache) -> torch.Tensor:
         """input_ids (b, s) at the positions `cache.begin` was given -> final-normed hidden (b s, H)."""
         h = F.embedding(input_ids.reshape(-1), self.embed)
         for layer in self.layers:
-            h = layer(h, rope, cache)
+            h = layer(h, rot, cache)
         return rms_norm(h, *self.norm)
 
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final-normed hidden (n, H) -> logits (n, V)."""
+        return mul_wt(rows_t(h), *self.head)
+
     @torch.no_grad()
-    def draft(self, hidden: torch.Tensor, emb_next: torch.Tensor, rope: Rope, cache,
+    def draft(self, hidden: torch.Tensor, emb_next: torch.Tensor, rot: torch.Tensor, cache,
               keep: torch.Tensor | None = None) -> torch.Tensor:
         """MTP depth 1 on rows (n, H): the main model's final hidden and the next tokens' embeddings -> the
         normed hidden for the shared head, at the rows `keep` (n_keep,) only if given (all rows write their
         latents into the MTP layer's cache)."""
         enorm, hnorm, eh_proj, block, out_norm = self.mtp[0]
         x = torch.cat([rms_norm(emb_next, *enorm), rms_norm(hidden, *hnorm)], dim=-1)
-        return rms_norm(block(mul_wt(rows_t(x), *eh_proj), rope, cache, keep), *out_norm)
+        return rms_norm(block(mul_wt(rows_t(x), *eh_proj), rot, cache, keep), *out_norm)
 
 
 _PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> Plan (not copied with the model)

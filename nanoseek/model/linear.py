@@ -41,14 +41,24 @@ def blocked(w: torch.Tensor, blocks: int) -> torch.Tensor | None:
     return w.view(blocks, -1, w.shape[1])
 
 
-def mul_wt(xt: torch.Tensor, w: torch.Tensor, wb: torch.Tensor | None = None) -> torch.Tensor:
-    """x (n, in) @ w (out, in)^T computed as (w x^T)^T, from xt = rows_t(x); wb: w already `blocked`."""
+def each_rows_t(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """rows_t of every row of x (n, in) on its own: x[i:i+1] for i < n, in one view and one unbind."""
+    threads, (n, k), (s0, s1) = torch.get_num_threads(), x.shape, x.stride()
+    if threads < 2 or x.device.type != "cpu":
+        return x[:, :, None].unbind(0)
+    return x.as_strided((n, threads, k, 1), (s0, 0, s1, k * s1)).unbind(0)
+
+
+def mul_wt(xt: torch.Tensor, w: torch.Tensor, wb: torch.Tensor | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """x (n, in) @ w (out, in)^T computed as (w x^T)^T, from xt = rows_t(x); wb: w already `blocked`;
+    out: a contiguous (out,) or (1, out) tensor to write a one-row product into."""
     if xt.dim() == 3:
         wb = wb if wb is not None and wb.shape[0] == xt.shape[0] else blocked(w, xt.shape[0])
-        if wb is not None:
-            return torch.bmm(wb, xt).view(1, -1)  # (blocks, out/blocks, 1)
+        if wb is not None:  # (blocks, out/blocks, 1)
+            return torch.bmm(wb, xt, out=None if out is None else out.view(wb.shape[0], -1, 1)).view(1, -1)
         xt = xt[0]
-    return (w @ xt).T
+    return torch.mm(w, xt, out=None if out is None else out.view(-1, 1)).T
 
 
 def matmul_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -42,6 +42,7 @@ class LatentCache:
         self.layers = layers if layers is not None else [
             torch.zeros(batch, max_len, dim, dtype=dtype, device=device) for _ in range(n_layers)]
         self.positions: torch.Tensor | None = None
+        self.decoding: tuple | None = None  # (model, its decoding plan, RoPE matrices) for `positions`
 
     def view(self, rows: slice) -> LatentCache:
         """The cache of rows[start:stop], writing into this cache's buffers."""
@@ -54,17 +55,20 @@ class LatentCache:
 
     def begin(self, positions: torch.Tensor) -> None:
         """positions (b, s) long. Sets the key length t and the mask (b, s, t): key slot <= query position
-        (`decode_mask`: the same, or None where it is all true).
-        `fresh`: every row holds positions 0..s-1, so attention is plain causal over the new tokens."""
-        top = int(positions.max()) + 1
-        if int(positions.min()) < 0 or top > self.max_len:
-            raise ValueError(f"positions must lie in [0, {self.max_len}) (the cache length); got "
-                             f"[{int(positions.min())}, {top - 1}]")
+        (`hidden`: its negation, or None where every query sees every slot).
+        `fresh`: every row holds positions 0..s-1, so attention is plain causal over the new tokens.
+        The same positions again (the MTP draft after its main forward) keep all of this."""
+        if positions is self.positions and positions._version == self._version:
+            return
+        lo, hi = positions.aminmax()
+        lo, top = int(lo), int(hi) + 1
+        if lo < 0 or top > self.max_len:
+            raise ValueError(f"positions must lie in [0, {self.max_len}) (the cache length); got [{lo}, {top - 1}]")
         s = positions.shape[1]
-        self.positions, self.length = positions, top
+        self.positions, self._version, self.length, self.decoding = positions, positions._version, top, None
         self.fresh = s == top and s > 1 and bool((positions == torch.arange(s, device=positions.device)).all())
         self.mask = torch.arange(top, device=positions.device) <= positions[:, :, None]
-        self.decode_mask = None if bool(self.mask.all()) else self.mask  # None: nothing to mask
+        self.hidden = None if lo == top - 1 else ~self.mask  # None: every query sits at the last slot
         rows = torch.arange(positions.shape[0], device=positions.device)[:, None]
         self._slots = (rows * self.max_len + positions).flatten()  # in the (b * max_len, c + r) view of a layer
 
@@ -124,7 +128,7 @@ class MLA(nn.Module):
             if cache.fresh:  # prefill from position 0: causal SDPA over the new tokens (fused kernel)
                 o = self._naive(q_nope, q_pe, c_kv, k_pe, mask=None)
             elif s <= self.absorb_max_query:
-                o = absorbed(q_nope.flatten(0, 1), q_pe.flatten(0, 1), latent, cache.decode_mask,
+                o = absorbed(q_nope.flatten(0, 1), q_pe.flatten(0, 1), latent, cache.hidden,
                              *kv_b_views(self.kv_b_proj.weight, h, dn), self.scale)
             else:
                 o = self._naive(q_nope, q_pe, c_all, pe_all, mask=cache.mask)
@@ -146,18 +150,18 @@ class MLA(nn.Module):
         return o.transpose(1, 2)[..., : self.d_v]  # (b, s, h, d_v)
 
 
-def absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, mask: torch.Tensor | None,
+def absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, hidden: torch.Tensor | None,
              w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float) -> torch.Tensor:
-    """q_nope (n, h, d_n), RoPE'd q_pe (n, h, r), latent (b, t, c + r) with n = b s, mask (b, s, t) or None (every
-    row sees all t slots), w_uk (h, d_n, c), w_uv_t (h, c, d_v) -> o (n, h, d_v). Batched matmuls, heads (then
-    rows) as the batch."""
+    """q_nope (n, h, d_n), RoPE'd q_pe (n, h, r), latent (b, t, c + r) with n = b s, hidden (b, s, t): the key
+    slots each query must not see (None: it sees all t), w_uk (h, d_n, c), w_uv_t (h, c, d_v) -> o (n, h, d_v).
+    Batched matmuls, heads (then rows) as the batch."""
     n, h, _ = q_nope.shape
     b, t, c = latent.shape[0], latent.shape[1], w_uk.shape[-1]
     q_uk = torch.bmm(q_nope.transpose(0, 1), w_uk)  # (h, n, c)
     q_lat = torch.cat([q_uk.transpose(0, 1), q_pe], dim=-1).view(b, -1, latent.shape[-1])  # (b, s h, c + r)
     scores = torch.bmm(q_lat, latent.transpose(1, 2)).mul_(scale)  # (b, s h, t)
-    if mask is not None:
-        scores = scores.view(b, -1, h, t).masked_fill_(~mask[:, :, None, :], float("-inf"))
+    if hidden is not None:
+        scores = scores.view(b, -1, h, t).masked_fill_(hidden[:, :, None, :], float("-inf"))
     p = scores.float().softmax(dim=-1).to(latent.dtype).view(b, -1, t)
     o_lat = torch.bmm(p, latent[..., :c]).view(n, h, c).transpose(0, 1)  # (h, n, c)
     return torch.bmm(o_lat, w_uv_t).transpose(0, 1)  # (n, h, d_v)

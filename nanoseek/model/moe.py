@@ -84,12 +84,13 @@ class Gate(nn.Module):
                 group_scores = grouped.amax(dim=-1)
             keep = group_scores.topk(self.topk_group, dim=-1).indices  # (t, topk_group)
             dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
-            choice = grouped.masked_fill(dropped[:, :, None], float("-inf")).view(-1, self.n_experts)
+            choice = (grouped if choice is not scores else grouped.clone()).masked_fill_(
+                dropped[:, :, None], float("-inf")).view(-1, self.n_experts)  # in place on a fresh tensor
         idx = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, idx)
         if self.norm_topk_prob:
-            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
-        return weights * self.scaling, idx, scores
+            weights.div_(weights.sum(dim=-1, keepdim=True).add_(1e-20))
+        return weights.mul_(self.scaling), idx, scores
 
 
 def _grouped_mm_ok(x: torch.Tensor) -> bool:

@@ -25,7 +25,7 @@ from nanoseek.model.cross_entropy import linear_cross_entropy
 from nanoseek.model.mtp import MTP, mtp_targets
 from nanoseek.model.linear import Linear
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.rope import rope_table
+from nanoseek.model.rope import rope_matrices, rope_table
 
 
 @dataclass
@@ -88,21 +88,21 @@ class Transformer(nn.Module):
         device = self.embed_tokens.weight.device
         if self._rope is None or self._rope[0].device != device:  # fp32 tables, never cast with the model
             cos, sin = rope_table(self.config, self.config.max_position_embeddings)
-            cis = torch.complex(cos, sin) if self.config.rope_interleave else None
-            self._rope = (cos.to(device), sin.to(device), cis if cis is None else cis.to(device))
+            self._rope = (cos.to(device), sin.to(device))
         return self._rope[0][positions], self._rope[1][positions]  # (b, s, d_r / 2)
 
-    def _decoding(self, s: int, cache: LatentCache | None) -> tuple[decode.Plan, decode.Rope] | None:
+    def _decoding(self, s: int, cache: LatentCache | None) -> tuple[decode.Plan, torch.Tensor] | None:
         """For a cached step of s <= absorb_max_query new tokens per row (after `cache.begin`), without autograd:
-        the decoding plan and the RoPE factors of the rows (None: the modules' path)."""
+        the decoding plan and the rows' RoPE matrices (b s, d_r, d_r) (None: the modules' path)."""
         if cache is None or cache.fresh or s > self.layers[0].self_attn.absorb_max_query or torch.is_grad_enabled():
             return None
-        plan = decode.plan_for(self)
-        if plan is None:
-            return None
-        pos = cache.positions.reshape(-1)
-        cos, sin = self._cos_sin(pos)
-        return plan, decode.Rope(cos, sin, None if self._rope[2] is None else self._rope[2][pos])
+        if cache.decoding is None or cache.decoding[0] is not self:  # once per step (the MTP draft reuses it)
+            plan = decode.plan_for(self)
+            if plan is None:
+                return None
+            cache.decoding = (self, plan, rope_matrices(*self._cos_sin(cache.positions.reshape(-1)),
+                                                        self.config.rope_interleave))
+        return cache.decoding[1:]
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -132,9 +132,10 @@ class Transformer(nn.Module):
             raise ValueError(f"positions must have shape {tuple(input_ids.shape)} and be < max_position_embeddings")
         decoding = self._decoding(s, cache)
         if decoding is not None:
-            plan, rope = decoding
-            h = plan.forward(input_ids, rope, cache).view(b, s, -1)
-            return ModelOutput(logits=self.lm_head(h if logits_at is None else _take(h, logits_at)), hidden=h)
+            plan, rot = decoding
+            h = plan.forward(input_ids, rot, cache)
+            at = h if logits_at is None else _take(h.view(b, s, -1), logits_at).flatten(0, 1)
+            return ModelOutput(logits=plan.logits(at).view(b, -1, cfg.vocab_size), hidden=h.view(b, s, -1))
         cos, sin = self._cos_sin(positions)
         train = cache is None
         emb = self.embed_tokens(input_ids)
@@ -175,11 +176,11 @@ class Transformer(nn.Module):
         cache.begin(positions)
         decoding = self._decoding(positions.shape[1], cache)
         if decoding is not None:  # the MTP layer's output only at logits_at (every row writes its latent)
-            (plan, rope), (b, s, H) = decoding, hidden.shape
+            (plan, rot), (b, s, H) = decoding, hidden.shape
             keep = None if logits_at is None else (torch.arange(b, device=hidden.device)[:, None] * s
                                                     + logits_at).flatten()
-            h = plan.draft(hidden.reshape(-1, H), self.embed_tokens(next_ids).view(-1, H), rope, cache, keep)
-            return self.lm_head(h.view(b, -1, H))
+            h = plan.draft(hidden.reshape(-1, H), self.embed_tokens(next_ids).view(-1, H), rot, cache, keep)
+            return plan.logits(h).view(b, -1, self.config.vocab_size)
         cos, sin = self._cos_sin(positions)
         h, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache, balance_loss=False)
         return self.lm_head(h if logits_at is None else _take(h, logits_at))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nanoseek.config import yarn_example
-from nanoseek.model import decode
+from nanoseek.model import decode, norm
 from nanoseek.model.fp8_linear import to_fp8
 from nanoseek.model.linear import Linear
 from tests.conftest import tiny_model
@@ -32,7 +32,7 @@ def _steps(model, ids, prefill, s):
                                        {"rope_scaling": yarn_example(original=16)}])
 @pytest.mark.parametrize("b, s", [(1, 1), (1, 2), (3, 1), (2, 3)])
 def test_plan_equals_modules(overrides, b, s, monkeypatch):
-    """Latent-cache steps through the plan (2-D rows, shared operands, complex RoPE, direct experts up to 4
+    """Latent-cache steps through the plan (2-D rows, shared operands, RoPE matrices, direct experts up to 4
     tokens) give the module path's logits and MTP drafts."""
     model = tiny_model(**overrides)
     ids = torch.randint(0, model.config.vocab_size, (b, 20))
@@ -82,9 +82,10 @@ def test_plan_tracks_in_place_updates_in_its_output():
     torch.testing.assert_close(after, full, atol=1e-4, rtol=1e-4)
 
 
-def test_plan_without_row_blocks_or_direct_experts(monkeypatch):
-    """The branches GPUs take (no per-thread row blocks, routed experts through Experts.forward) give the same
-    logits as the module path."""
+@pytest.mark.parametrize("direct", [True, False])
+def test_plan_without_row_blocks(direct, monkeypatch):
+    """One thread: no per-thread row blocks (as on GPUs), the routed experts directly (one GEMV per product) or
+    through Experts.forward (as on GPUs): the module path's logits."""
     model = tiny_model()
     ids = torch.randint(0, model.config.vocab_size, (2, 14))
     threads = torch.get_num_threads()
@@ -94,11 +95,18 @@ def test_plan_without_row_blocks_or_direct_experts(monkeypatch):
             plan = decode.plan_for(model)
             for layer in plan.layers + [m[3] for m in plan.mtp]:
                 if isinstance(layer.ffn, decode._MoE):
-                    layer.ffn.direct_rows = 0
-            planned = _steps(model, ids, 6, 1)
+                    assert layer.ffn.blocks == 0
+                    layer.ffn.direct_rows = 4 if direct else 0
+            planned = _steps(model, ids, 6, 1 + direct)
             monkeypatch.setattr(decode, "plan_for", lambda m: None)
-            modules = _steps(model, ids, 6, 1)
+            modules = _steps(model, ids, 6, 1 + direct)
     finally:
         torch.set_num_threads(threads)
     for a, m in zip(planned, modules):
         torch.testing.assert_close(a, m, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_as_layer_norm():
+    x, w = torch.randn(3, 64) * 5, torch.randn(64)
+    torch.testing.assert_close(decode.rms_norm(x, w, 1e-6), norm.rms_norm(x, w, 1e-6))
+    torch.testing.assert_close(decode.rms_norm(x * 1e-4, w, 1e-2), norm.rms_norm(x * 1e-4, w, 1e-2))  # eps counts

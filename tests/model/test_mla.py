@@ -20,7 +20,7 @@ def test_absorbed_equals_naive():
     mask[..., 0] = True
     naive = mla._naive(q_nope, q_pe, c_kv, k_pe, mask)
     w_uk, w_uv_t = kv_b_views(mla.kv_b_proj.weight, h, dn)
-    o = absorbed(q_nope.flatten(0, 1), q_pe.flatten(0, 1), torch.cat([c_kv, k_pe], -1), mask, w_uk, w_uv_t, mla.scale)
+    o = absorbed(q_nope.flatten(0, 1), q_pe.flatten(0, 1), torch.cat([c_kv, k_pe], -1), ~mask, w_uk, w_uv_t, mla.scale)
     torch.testing.assert_close(o.view(b, s, h, -1), naive, atol=1e-5, rtol=1e-5)
 
 
@@ -80,6 +80,24 @@ def test_positions_outside_cache_are_rejected():
         assert "positions must lie in [0, 4)" in str(e)
     else:
         raise AssertionError("no error")
+
+
+def test_begin_sets_the_step_once_per_positions():
+    """The mask and `hidden` (None where every query sits at the last slot); the same positions tensor again (the
+    MTP draft after its main forward) keeps the step's state, a new or modified one starts a new step."""
+    cache = LatentCache(1, 2, 8, 4)
+    pos = torch.tensor([[5, 6], [3, 4]])
+    cache.begin(pos)
+    assert cache.length == 7 and cache.hidden is not None
+    assert cache.hidden[0, 0].tolist() == [False] * 6 + [True] and cache.hidden[1, 1].tolist() == [False] * 5 + [True] * 2
+    cache.decoding = "the model's plan and RoPE for this step"
+    cache.begin(pos)
+    assert cache.decoding is not None
+    pos.add_(0)  # in place: another step
+    cache.begin(pos)
+    assert cache.decoding is None
+    cache.begin(torch.tensor([[6], [6]]))
+    assert cache.hidden is None and cache.mask.all()
 
 
 def test_padded_v_flash_path_equals_math_path(monkeypatch):
