@@ -159,7 +159,8 @@ def absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, hid
     b, t, c = latent.shape[0], latent.shape[1], w_uk.shape[-1]
     q_uk = torch.bmm(q_nope.transpose(0, 1), w_uk)  # (h, n, c)
     q_lat = torch.cat([q_uk.transpose(0, 1), q_pe], dim=-1).view(b, -1, latent.shape[-1])  # (b, s h, c + r)
-    scores = torch.bmm(q_lat, latent.transpose(1, 2)).mul_(scale)  # (b, s h, t)
+    # (b, s h, t), the scale applied inside the GEMM (beta=0: the empty input is not read)
+    scores = torch.baddbmm(latent.new_empty(()), q_lat, latent.transpose(1, 2), beta=0, alpha=scale)
     if hidden is not None:
         scores = scores.view(b, -1, h, t).masked_fill_(hidden[:, :, None, :], float("-inf"))
     p = scores.float().softmax(dim=-1).to(latent.dtype).view(b, -1, t)

@@ -116,7 +116,7 @@ class Transformer(nn.Module):
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(v) for v in input_ids.aminmax())
         if lo < 0 or hi >= cfg.vocab_size:
             raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size}); got [{lo}, {hi}]")
         b, s = input_ids.shape
