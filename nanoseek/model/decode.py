@@ -8,9 +8,11 @@ or parameter lookup). `Plan` computes the same functions of the same parameters 
   makes no module calls and no weight views; rows stay 2-D (n = b s, H);
 - products that read the same rows share one GEMV operand (q_a / kv_a; router, shared and routed experts);
 - RoPE is one batched product with each row's rotation matrix (built once per step, `rope_matrices`);
+  RMSNorm is LayerNorm of [x, -x] (one kernel);
 - the new latents go to the cache with one index_copy_ (`LatentCache.update`);
-- each of up to 4 tokens' routed experts run directly (no sort, scatter or count); router statistics are
-  not kept; the MTP draft computes its layer's output only at the draft position (`keep`).
+- each of up to 4 tokens' routed experts run directly (no sort, scatter or count), each product written
+  straight into one buffer; router statistics are not kept; the MTP draft computes its layer's output only at
+  the draft position (`keep`) and reuses its step's mask, plan and RoPE matrices (`LatentCache.decoding`).
 The plan views the parameters' storage, so in-place updates (optimizer steps, load_state_dict) are seen;
 `Plan.valid` notices replaced parameters or modules, moved weights and a new thread count.
 """

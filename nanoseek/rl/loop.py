@@ -256,7 +256,8 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> dict
     bar.close()
     log.close()
     samples.close()
-    return {"run_dir": str(run), "elapsed": elapsed, "flops": total_flops, "peak_flops": peak, "last": record,
+    return {"run_dir": str(run), "elapsed": elapsed, "flops": total_flops,
+            "peak_flops": gemm_peak(str(device), again=True), "last": record,
             "model": model, "tokenizer": tok}
 
 
