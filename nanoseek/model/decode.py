@@ -100,17 +100,14 @@ class _MoE:
         experts = [e for ids in pairs for e in ids]
         if self.blocks:  # bmm straight into the buffers (mul_wt's checks and views cost ~15% of the layer)
             gu_o, out_o = (t.view(n * k, self.blocks, -1, 1).unbind(0) for t in (gu, out))
-            for p, e in enumerate(experts):
-                torch.bmm(self.gate_up[e][1], rows[p // k], out=gu_o[p])
+            product = lambda w, xt, o: torch.bmm(w[1], xt, out=o)  # noqa: E731
         else:
-            for p, e in enumerate(experts):
-                mul_wt(rows[p // k], *self.gate_up[e], out=gu[p])
+            gu_o, out_o, product = gu, out, lambda w, xt, o: mul_wt(xt, *w, out=o)
+        for p, e in enumerate(experts):
+            product(self.gate_up[e], rows[p // k], gu_o[p])
         a = F.silu(gu[:, :self.I]).mul_(gu[:, self.I:])
         for p, (a_p, e) in enumerate(zip(each_rows_t(a), experts)):
-            if self.blocks:
-                torch.bmm(self.down[e][1], a_p, out=out_o[p])
-            else:
-                mul_wt(a_p, *self.down[e], out=out[p])
+            product(self.down[e], a_p, out_o[p])
         weights = weights.to(x.dtype).view(n, 1, k)
         if y is None:
             return torch.bmm(weights, out.view(n, k, H)).view(n, H)

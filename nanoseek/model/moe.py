@@ -133,12 +133,11 @@ class Experts(nn.Module):
 
     @staticmethod
     def _mm_few(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The same, one (W_j x_j^T)^T per expert that has rows (one row: matmul_wt's threaded GEMV)."""
-        outs, start, xt, ws = [], 0, xs.T, w.unbind(0)
+        """The same, one (W_j x_j^T)^T per expert that has rows (the weights unbound once)."""
+        outs, start, ws = [], 0, w.unbind(0)
         for j, n in enumerate(counts.tolist()):
             if n:
-                outs.append(matmul_wt(xs[start:start + 1], ws[j]) if n == 1 else
-                            torch.mm(ws[j], xt[:, start:start + n]).T)
+                outs.append(matmul_wt(xs[start:start + n], ws[j]))
                 start += n
         return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
 
