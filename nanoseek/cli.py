@@ -208,7 +208,8 @@ def cmd_serve(args) -> int:
 
     cfg = ServeConfig(host=args.host, port=args.port, api_key=args.api_key, max_concurrent=args.max_concurrent,
                       max_batch=args.max_batch, speculative=args.speculative, max_len=args.max_len,
-                      model_name=args.model_name)
+                      model_name=args.model_name, request_timeout=args.request_timeout,
+                      max_body_bytes=int(args.max_body_mb * (1 << 20)), shutdown_grace=args.shutdown_grace)
     serve(_pretrained(args), cfg)
     return 0
 
@@ -367,6 +368,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, default=32, help="requests in flight; more get HTTP 429")
     p.add_argument("--max-len", type=int, help="context (prompt + completion) in tokens (default: the model's)")
     p.add_argument("--model-name", help="the model name clients send (default: the directory's name)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take in all; past it the client gets HTTP 408")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies get HTTP 413")
+    p.add_argument("--shutdown-grace", type=float, default=5.0,
+                   help="seconds in-flight requests get to finish after SIGTERM / Ctrl-C")
     p.set_defaults(func=cmd_serve)
     p = sub.add_parser("rl", help="GRPO with verifiable rewards from init=DIR (configs/grpo.toml)")
     p.add_argument("overrides", nargs="*", help="GRPOConfig fields as key=value (dotted: optim.lr=1e-4)")

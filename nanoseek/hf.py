@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from nanoseek.config import ModelConfig
-from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.data.tokenizer import CHAT_TEMPLATE, Tokenizer
 from nanoseek.model import Transformer
 from nanoseek.model.fp8 import dequantize_checkpoint, quantize_checkpoint
 from nanoseek.train.checkpoint import latest_checkpoint
@@ -117,14 +117,6 @@ def load_pretrained(path: str | Path, device: str | torch.device | None = "cpu",
         raise ValueError(f"{run / 'tokenizer.json'} has {tokenizer.vocab_size} tokens but the model only "
                          f"{cfg.vocab_size}")
     return Pretrained(model, tokenizer, run.resolve().name, weights)
-
-
-# A Jinja rendering of `render_chat` (nanoseek.data.tokenizer) for `tokenizer.apply_chat_template`
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<|user|>{{ m['content'] }}"
-    "{% else %}<|assistant|>{% if m['reasoning'] is defined %}<think>{{ m['reasoning'] }}</think>{% endif %}"
-    "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt and messages[-1]['role'] == 'user' %}<|assistant|>{% endif %}")
 
 
 def export(path: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30, fp8: bool = False,

@@ -38,6 +38,10 @@ def test_export_round_trip(tiny_run, tmp_path, shard_gb):
     messages = [{"role": "user", "content": "47+38="}]
     chat = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert chat == ours.tokenizer.apply_chat(messages)
+    conversation = [{"role": "system", "content": "Be brief."}, *messages, {"role": "assistant", "content": "85"},
+                    {"role": "user", "content": "and 1+1="}]  # the template's system rule = render_chat's
+    assert tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"] == ours.tokenizer.apply_chat(conversation)
     # transformers' greedy generate = ours
     want = generate(ours.model, [chat], SamplingParams(max_tokens=12))[0]
     got = ref.generate(torch.tensor([chat]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(chat):]

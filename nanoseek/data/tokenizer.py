@@ -19,14 +19,17 @@ special token.
 
 Chat format (`render_chat`; the built-in corpus documents use it verbatim):
     <|begin_of_text|><|user|>{prompt}<|assistant|><think>{reasoning}</think>{answer text}<|end_of_text|>
-Turns alternate user / assistant (no system role, as R1 recommends); each assistant turn ends with eos,
-the stop token for generation. The packed training stream is `bos doc eos bos doc eos ...`, so a prompt
+Turns alternate user / assistant; each assistant turn ends with eos, the stop token for generation. The
+format has no system role: R1's advice is to put every instruction in the user prompt, and that is the rule
+for system messages here: those that open the conversation are joined, each followed by a blank line, and
+put before the first user turn's text (`<|user|>{system}\n\n{prompt}`); a system message after that is an error. The packed training stream is `bos doc eos bos doc eos ...`, so a prompt
 rendered here begins exactly as every training document does (without bos, a small model trained on the
 stream mis-reads prompts that start at position 0: 0% vs a correct answer, seen on the demo model).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from collections.abc import Iterable, Iterator
@@ -42,29 +45,64 @@ _SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
 
 
 def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Messages [{"role": "user"|"assistant", "content": str, "reasoning"?: str}] -> chat text.
+    """Messages [{"role": "system"|"user"|"assistant", "content": str, "reasoning"?: str}] -> chat text.
 
     An assistant message with a "reasoning" key is written `<think>{reasoning}</think>{content}`; without
     one, its content is written as is (it may already hold the think block). With add_generation_prompt
     and a final user turn, the text ends with `<|assistant|>`, ready for the model to write `<think>`.
     """
-    parts = [BOS]
+    parts, system = [BOS], ""
     for i, m in enumerate(messages):
         role, content = m.get("role"), m.get("content")
-        if role not in ("user", "assistant"):
-            raise ValueError(f"messages[{i}].role={role!r}: allowed roles are 'user' and 'assistant'")
+        if role not in ("system", "user", "assistant"):
+            raise ValueError(f"messages[{i}].role={role!r}: allowed roles are 'system', 'user' and 'assistant'")
         if not isinstance(content, str):
             raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-        if i > 0 and role == messages[i - 1]["role"]:
+        previous = messages[i - 1]["role"] if i else None
+        if role == "system":
+            if previous not in (None, "system"):
+                raise ValueError(f"messages[{i}]: a system message must come before the conversation's first "
+                                 "user turn (it is put in front of that turn's text)")
+            system += content + "\n\n"
+        elif previous == role:
             raise ValueError(f"messages[{i}]: roles must alternate user/assistant, got two {role!r} turns")
-        if role == "user":
-            parts.append(USER + content)
+        elif role == "user":
+            parts.append(USER + system + content)
+            system = ""
+        elif system:
+            raise ValueError(f"messages[{i}]: system messages must be followed by a user turn, not an assistant's")
         else:
             think = f"{THINK}{m['reasoning']}{END_THINK}" if "reasoning" in m else ""
             parts.append(ASSISTANT + think + content + EOS)
+    if system:
+        raise ValueError("the system messages are not followed by a user turn")
     if add_generation_prompt and messages and messages[-1]["role"] == "user":
         parts.append(ASSISTANT)
     return "".join(parts)
+
+
+# A Jinja rendering of `render_chat` for `tokenizer.apply_chat_template` (hf.export writes it), with its rule
+# for system messages (those that open the conversation go before the first user turn's text)
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}{% if not loop.first and messages[loop.index0 - 1]['role'] != 'system' %}"
+    "{{ raise_exception('a system message must come before the first user turn') }}{% endif %}"
+    "{% set ns.system = ns.system + m['content'] + '\\n\\n' %}"
+    "{% elif m['role'] == 'user' %}<|user|>{{ ns.system }}{{ m['content'] }}{% set ns.system = '' %}"
+    "{% else %}<|assistant|>{% if m['reasoning'] is defined %}<think>{{ m['reasoning'] }}</think>{% endif %}"
+    "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt and messages[-1]['role'] == 'user' %}<|assistant|>{% endif %}")
+
+
+def _byte_level_chars() -> dict[str, int]:
+    """GPT-2's byte-to-unicode map, inverted: the printable bytes stand for themselves, the others are the
+    characters from U+0100 on, in byte order (what `pre_tokenizers.ByteLevel` writes into the vocabulary)."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable}, **{chr(256 + k): b for k, b in enumerate(others)}}
+
+
+_BYTE_OF = _byte_level_chars()
 
 
 def _texts_for_training(texts: Iterable[str]) -> Iterator[str]:
@@ -164,6 +202,19 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
+
+    def token_bytes(self, i: int) -> bytes:
+        """The bytes token i stands for (a byte-level token may hold part of a UTF-8 character)."""
+        piece = self._tok.id_to_token(int(i)) or ""
+        if all(c in _BYTE_OF for c in piece):
+            return bytes(_BYTE_OF[c] for c in piece)
+        return self.decode([i]).encode()
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the bytes of text one token covers (its vocabulary string's UTF-8 length), so a
+        text of n bytes has at least n / max_token_bytes tokens."""
+        return max(len(t.encode()) for t in self._tok.get_vocab(with_added_tokens=True))
 
     def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
         """Token ids of `render_chat(messages, add_generation_prompt)` (see the module docstring)."""

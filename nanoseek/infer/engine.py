@@ -18,11 +18,18 @@ in sampling.accept (greedy: d equals the argmax), and when it is, the main model
 free: two tokens for one forward. The MTP module then runs on the same two positions (its own cache layer)
 to draft the next token. A rejected draft's cache slots are overwritten before anything reads them.
 Only depth 1 drafts (V3 trains one MTP module); `stats` counts drafts and acceptances.
+
+Failures stay with their request. A row whose logits hold no finite value ends with finish_reason "error"
+(sampling.guard); a phase that raises (prefill or decode) is run again one row at a time, so only the rows
+that fail alone end with "error" and the others go on (a retried row rewrites the same cache slots).
+Log-probs (SamplingParams.logprobs / prompt_logprobs) are log_softmax of the model's raw logits: the
+prompt's come from the prefill's hidden states through the head, in chunks of positions.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import queue
 from collections import deque
 from dataclasses import dataclass, field, replace
@@ -30,9 +37,14 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from nanoseek.infer.sampling import SamplingParams, propose, sample, verify
+from nanoseek.infer.sampling import SamplingParams, guard, logprobs, propose, sample, verify
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
+
+log = logging.getLogger(__name__)
+# A token's log-probs: (log p(token), the top ids, their log-probs); the prompt's first token has None.
+Logprob = tuple[float, list[int], list[float]]
+HEAD_CHUNK = 1 << 24  # logits computed at once for prompt log-probs (positions x vocabulary)
 
 
 @dataclass(eq=False)
@@ -41,7 +53,8 @@ class Request:
     params: SamplingParams
     id: int = 0
     tokens: list[int] = field(default_factory=list)  # generated ids; a stop id that ended it is included
-    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None  # why it ended with "error"
     cancelled: bool = False  # may be set from any thread; the engine drops the request at its next step
     stream: TextStream | None = None  # the text so far, with the engine's tokenizer
     stop_ids: frozenset[int] = frozenset()
@@ -50,6 +63,8 @@ class Request:
     draft: int = 0  # speculative: MTP's draft for position pos + 1, drawn from draft_q
     draft_q: torch.Tensor | None = None
     generator: torch.Generator | None = None
+    logprobs: list[Logprob] = field(default_factory=list)  # per generated token, with params.logprobs
+    prompt_logprobs: list[Logprob | None] | None = None  # per prompt token, with params.prompt_logprobs
 
     @property
     def done(self) -> bool:
@@ -62,10 +77,12 @@ class Request:
 
 @dataclass
 class Update:
-    """What one step did for one request: new token ids, the text they completed, whether it finished."""
+    """What one step did for one request: new token ids, their log-probs (with params.logprobs), the text
+    they completed, whether it finished."""
     request: Request
     tokens: list[int]
     text: str
+    logprobs: list[Logprob] = field(default_factory=list)
 
     @property
     def done(self) -> bool:
@@ -130,7 +147,7 @@ class Engine:
     def step(self) -> list[Update]:
         updates = self._drop_cancelled()
         if self.running:
-            updates += self._decode_speculative() if self.speculative else self._decode()
+            updates += self._decode_rows()
             self._retire()
         updates += self._admit()  # new rows get their first token from the prefill
         self._retire()
@@ -139,6 +156,7 @@ class Engine:
 
     # ------------------------------------------------------------------ the three phases
     def _admit(self) -> list[Update]:
+        """Prefill the waiting requests that fit; when the batch's prefill raises, each one alone."""
         new: list[Request] = []
         budget = self.prefill_tokens
         while self.waiting and len(self.running) + len(new) < self.max_batch:
@@ -152,6 +170,22 @@ class Engine:
             new.append(self.waiting.popleft())
         if not new:
             return []
+        try:
+            return self._prefill(new)
+        except Exception as e:  # noqa: BLE001 (any failure: isolate the request that causes it)
+            if len(new) == 1:
+                return [self._fail(new[0], e)]
+            log.warning("prefill of %d requests failed (%r); retrying them one at a time", len(new), e)
+            updates = []
+            for r in new:
+                try:
+                    updates += self._prefill([r])
+                except Exception as e1:  # noqa: BLE001
+                    updates.append(self._fail(r, e1))
+            return updates
+
+    def _prefill(self, new: list[Request]) -> list[Update]:
+        """Prefill `new` into rows len(running)..; they join `running` once everything they need is computed."""
         n0, k, S = len(self.running), len(new), max(len(r.prompt) for r in new)
         ids = torch.zeros(k, S, dtype=torch.long, device=self.device)
         for i, r in enumerate(new):
@@ -161,55 +195,81 @@ class Engine:
         cache = self.cache.view(slice(n0, n0 + k))
         out = self.model(ids, positions, cache, mtp=False, logits_at=(lens - 1)[:, None])
         params, gens = [r.params for r in new], [r.generator for r in new]
-        first = sample(out.logits[:, 0], params, gens)
+        logits = self._checked(out.logits[:, 0], new)
+        first = sample(logits, params, gens)
+        lps = self._logprobs(logits, first, new)
+        prompt_lps = [self._prompt_logprobs(out.hidden[i], r) if r.params.prompt_logprobs is not None else None
+                      for i, r in enumerate(new)]
         if self.speculative:  # MTP over the prompt: position i sees token i + 1 (the first new one at the end)
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
             nxt[torch.arange(k), lens - 1] = first
-            drafts, q = propose(self.model.draft(out.hidden, nxt, positions, cache, (lens - 1)[:, None])[:, 0],
-                                params, gens)
+            draft = self.model.draft(out.hidden, nxt, positions, cache, (lens - 1)[:, None])[:, 0]
+            drafts, q = propose(guard(draft)[0], params, gens)
         self.running.extend(new)
         self.stats["prefill_tokens"] += int(lens.sum())
         updates = []
         firsts, ds = first.tolist(), drafts.tolist() if self.speculative else None
         for i, r in enumerate(new):
-            r.pos, r.last = len(r.prompt), firsts[i]
+            r.pos, r.last, r.prompt_logprobs = len(r.prompt), firsts[i], prompt_lps[i]
             if self.speculative:
                 r.draft, r.draft_q = ds[i], None if q is None else q[i]
-            updates.append(self._emit(r, [r.last]))
+            updates.append(self._emit(r, [r.last], lps[i:i + 1]))
         return updates
 
-    def _decode(self) -> list[Update]:
-        rows = self.running
+    def _decode_rows(self) -> list[Update]:
+        """One decode step of every running row; when it raises, each row alone (the failing ones end)."""
+        decode = self._decode_speculative if self.speculative else self._decode
+        n = len(self.running)
+        try:
+            return decode(slice(0, n))
+        except Exception as e:  # noqa: BLE001
+            if n == 1:
+                return [self._fail(self.running[0], e)]
+            log.warning("decode step of %d rows failed (%r); retrying them one at a time", n, e)
+            updates = []
+            for i in range(n):
+                try:
+                    updates += decode(slice(i, i + 1))
+                except Exception as e1:  # noqa: BLE001
+                    updates.append(self._fail(self.running[i], e1))
+            return updates
+
+    def _decode(self, at: slice) -> list[Update]:
+        rows = self.running[at]
         ids = torch.tensor([[r.last] for r in rows], device=self.device)
         pos = torch.tensor([[r.pos] for r in rows], device=self.device)
-        logits = self.model(ids, pos, self.cache.view(slice(0, len(rows))), mtp=False).logits[:, 0]
-        toks = sample(logits, [r.params for r in rows], [r.generator for r in rows]).tolist()
+        logits = self._checked(self.model(ids, pos, self.cache.view(at), mtp=False).logits[:, 0], rows)
+        toks = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        lps = self._logprobs(logits, toks, rows)
         updates = []
-        for r, t in zip(rows, toks):
+        for i, (r, t) in enumerate(zip(rows, toks.tolist())):
             r.pos, r.last = r.pos + 1, t
-            updates.append(self._emit(r, [t]))
+            updates.append(self._emit(r, [t], lps[i:i + 1]))
         return updates
 
-    def _decode_speculative(self) -> list[Update]:
-        rows, n = self.running, len(self.running)
-        params, gens = [r.params for r in rows], [r.generator for r in rows]
+    def _decode_speculative(self, at: slice) -> list[Update]:
+        rows = self.running[at]
+        n, params, gens = len(rows), [r.params for r in rows], [r.generator for r in rows]
         ids = torch.tensor([[r.last, r.draft] for r in rows], device=self.device)
         pos = torch.tensor([[r.pos, r.pos + 1] for r in rows], device=self.device)
-        cache = self.cache.view(slice(0, n))
+        cache = self.cache.view(at)
         out = self.model(ids, pos, cache, mtp=False)  # verify: logits at p predict p + 1, at p + 1 predict p + 2
-        ok, t1 = verify(out.logits[:, 0], ids[:, 1], self._draft_q(rows), params, gens)
-        t2 = sample(out.logits[:, 1], params, gens)
+        l1, l2 = self._checked(out.logits[:, 0], rows), self._checked(out.logits[:, 1], rows)
+        ok, t1 = verify(l1, ids[:, 1], self._draft_q(rows), params, gens)
+        t2 = sample(l2, params, gens)
         nxt = torch.stack([t1, torch.where(ok, t2, t1)], dim=1)  # tokens at p + 1, p + 2 (the latter if accepted)
-        new_drafts, q = propose(self.model.draft(out.hidden, nxt, pos, cache, ok.long()[:, None])[:, 0], params, gens)
+        draft = self.model.draft(out.hidden, nxt, pos, cache, ok.long()[:, None])[:, 0]
+        new_drafts, q = propose(guard(draft)[0], params, gens)
+        lp1, lp2 = self._logprobs(l1, t1, rows), self._logprobs(l2, t2, rows)
         oks, t1s, t2s, ds = ok.tolist(), t1.tolist(), t2.tolist(), new_drafts.tolist()
         self.stats["drafted"] += n
         self.stats["accepted"] += sum(oks)
         updates = []
         for i, r in enumerate(rows):
-            toks = [t1s[i], t2s[i]] if oks[i] else [t1s[i]]
+            toks, lps = ([t1s[i], t2s[i]], lp1[i:i + 1] + lp2[i:i + 1]) if oks[i] else ([t1s[i]], lp1[i:i + 1])
             r.pos, r.last = r.pos + len(toks), toks[-1]
             r.draft, r.draft_q = ds[i], None if q is None else q[i]
-            updates.append(self._emit(r, toks))
+            updates.append(self._emit(r, toks, lps))
         return updates
 
     def _draft_q(self, rows: list[Request]) -> torch.Tensor | None:
@@ -221,13 +281,62 @@ class Engine:
         return torch.stack([r.draft_q if r.draft_q is not None else
                             F.one_hot(torch.tensor(r.draft, device=self.device), V).float() for r in rows])
 
+    # ------------------------------------------------------------------ log-probs and failures
+    def _checked(self, logits: torch.Tensor, rows: list[Request]) -> torch.Tensor:
+        """Guarded logits (sampling.guard); a row without a finite logit ends its request with "error" (its
+        logits are replaced by zeros so that the batch's sampling goes on; the token drawn is discarded)."""
+        logits, bad = guard(logits)
+        if bool(bad.any()):
+            for i in bad.nonzero()[:, 0].tolist():
+                rows[i].finish_reason = "error"
+                rows[i].error = "the model produced no finite logit (NaN or -inf everywhere)"
+            logits = logits.masked_fill(bad[:, None], 0.0)
+        return logits
+
+    def _fail(self, r: Request, e: Exception) -> Update:
+        log.error("request %d failed: %r", r.id, e, exc_info=e)
+        r.finish_reason, r.error = "error", f"{type(e).__name__}: {e}"
+        return Update(r, [], "")
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Request]) -> list[Logprob | None]:
+        """Per row: (log p(token), top ids, top log-probs) when its request asks for log-probs, else None."""
+        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        out: list[Logprob | None] = [None] * len(rows)
+        if want:
+            idx = torch.tensor(want, device=logits.device)
+            top = max(rows[i].params.logprobs for i in want)
+            for i, lp, ids, vals in zip(want, *logprobs(logits[idx], tokens[idx], top)):
+                k = rows[i].params.logprobs
+                out[i] = (lp, ids[:k], vals[:k])
+        return out
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, r: Request) -> list[Logprob | None]:
+        """Log-probs of prompt tokens 1.. given the ones before, from the prefill's hidden states (S, H) through
+        the head, HEAD_CHUNK // V positions at a time; the first token has none."""
+        n, V = len(r.prompt), self.model.config.vocab_size
+        out: list[Logprob | None] = [None]
+        targets = torch.tensor(r.prompt[1:], device=self.device)
+        step = max(1, HEAD_CHUNK // V)
+        for a in range(0, n - 1, step):
+            b = min(a + step, n - 1)
+            logits = self.model.lm_head(hidden[a:b])
+            out += list(zip(*logprobs(logits, targets[a:b], r.params.prompt_logprobs)))
+        return out
+
     # ------------------------------------------------------------------ bookkeeping
-    def _emit(self, r: Request, toks: list[int]) -> Update:
-        """Append tokens up to a stop id or max_tokens; update the text and stop strings."""
-        kept = []
-        for t in toks:
+    def _emit(self, r: Request, toks: list[int], lps: list[Logprob | None]) -> Update:
+        """Append tokens up to a stop id or max_tokens (none once the request has failed); update the text and
+        stop strings."""
+        if r.done:  # failed in this step (no finite logit): its token is discarded
+            return Update(r, [], "")
+        kept, kept_lps = [], []
+        for t, lp in zip(toks, lps):
             kept.append(t)
             r.tokens.append(t)
+            if lp is not None:
+                kept_lps.append(lp)
+                r.logprobs.append(lp)
             if t in r.stop_ids:
                 r.finish_reason = "stop"
                 break
@@ -242,7 +351,7 @@ class Engine:
                 r.finish_reason = "stop"
             elif r.done:
                 text += r.stream.finish()
-        return Update(r, kept, text)
+        return Update(r, kept, text, kept_lps)
 
     def abort_all(self) -> list[Request]:
         """Remove every queued and running request (e.g. after a failed step) and return them."""

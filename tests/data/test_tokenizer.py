@@ -78,12 +78,24 @@ def test_chat_format(tokenizer):
     assert render_chat(with_reasoning).endswith("<|assistant|><think>1+0=1 c0</think><answer>1</answer><|end_of_text|>")
 
 
+def test_system_messages_go_before_the_first_user_turn():
+    system = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Answer in digits."}]
+    turns = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+             {"role": "user", "content": "2+2?"}]
+    assert render_chat(system + turns) == render_chat(
+        [{"role": "user", "content": "Be brief.\n\nAnswer in digits.\n\n1+1?"}, *turns[1:]])
+
+
 @pytest.mark.parametrize("messages, match", [
-    ([{"role": "system", "content": "x"}], "role='system'"),
+    ([{"role": "tool", "content": "x"}], "role='tool'"),
+    ([{"role": "system", "content": "x"}], "not followed by a user turn"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "x"}], "before the conversation's first"),
+    ([{"role": "system", "content": "x"}, {"role": "assistant", "content": "a"}], "followed by a user turn"),
     ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
     ([{"role": "user", "content": 3}], "must be a string"),
 ])
 def test_chat_errors(messages, match):
+    """Bad roles and orders are refused, each with a message that says which rule."""
     with pytest.raises(ValueError, match=match):
         render_chat(messages)
 

@@ -206,3 +206,74 @@ def test_bad_requests_are_reported():
         engine.add([1], SamplingParams(stop=("x",)))
     with pytest.raises(ValueError, match="MTP"):
         Engine(tiny_model(num_nextn_predict_layers=0), speculative=True)
+
+
+def faulty(model, fault):
+    """The model with `fault(ids, positions, out)` applied after each forward (a fault injected into real runs)."""
+    forward = model.forward
+
+    def run(ids, positions=None, *a, **kw):
+        out = forward(ids, positions, *a, **kw)
+        fault(ids, positions, out)
+        return out
+    model.forward = run
+    return model
+
+
+def test_a_row_without_finite_logits_ends_alone_and_the_others_go_on():
+    poison = 77
+
+    def nan_rows(ids, positions, out):
+        if out.logits is not None:
+            out.logits[(ids == poison).any(-1)] = float("nan")
+    model = faulty(tiny_model(), nan_rows)
+    prompts = [PROMPTS[0], [3, poison, 4], PROMPTS[2]]
+    engine = Engine(model, max_batch=3)
+    params = [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8), SamplingParams(max_tokens=8,
+                                                                                          temperature=0.8, seed=1)]
+    reqs = [engine.add(p, sp) for p, sp in zip(prompts, params)]
+    engine.run()
+    assert reqs[1].finish_reason == "error" and "no finite logit" in reqs[1].error and reqs[1].tokens == []
+    alone = [generate(tiny_model(), [prompts[i]], params[i])[0] for i in (0, 2)]
+    assert [reqs[0].tokens, reqs[2].tokens] == alone
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_a_failing_row_is_isolated_in_prefill_and_decode(speculative):
+    """A forward that raises for one row (in the batch's prefill, or in a decode step at position 10) ends that
+    request with "error"; the rows around it give the tokens they give alone."""
+    poison = 77
+
+    def raise_for(ids, positions, out):
+        if (ids == poison).any() or (ids.shape[1] <= 2 and (positions == 10).any()):
+            raise RuntimeError("injected fault")
+    model = faulty(tiny_model(), raise_for)
+    prompts = [PROMPTS[0], [3, poison, 4], [1], PROMPTS[2]]  # PROMPTS[0] (7 tokens) decodes position 10
+    engine = Engine(model, max_batch=4, speculative=speculative)
+    reqs = [engine.add(p, SamplingParams(max_tokens=6)) for p in prompts]
+    engine.run()
+    assert [r.finish_reason for r in reqs] == ["error", "error", "length", "length"]
+    assert all("RuntimeError: injected fault" in reqs[i].error for i in (0, 1))
+    assert [r.tokens for r in reqs[2:]] == [generate(tiny_model(), [p], SamplingParams(max_tokens=6))[0]
+                                           for p in prompts[2:]]
+    assert engine.running == [] and not engine.waiting
+
+
+def test_logprobs_are_the_full_forwards():
+    """Generated and prompt log-probs equal log_softmax of the full forward at each position."""
+    model = tiny_model()
+    prompt = PROMPTS[3]
+    engine = Engine(model, max_batch=2)
+    r = engine.add(prompt, SamplingParams(max_tokens=6, temperature=0.9, seed=5, logprobs=3, prompt_logprobs=2))
+    engine.run()
+    seq = prompt + r.tokens
+    with torch.no_grad():
+        lp = model(torch.tensor([seq])).logits[0].log_softmax(-1)
+    want = [float(lp[i - 1, seq[i]]) for i in range(1, len(seq))]
+    got = [x[0] for x in r.prompt_logprobs[1:]] + [x[0] for x in r.logprobs]
+    assert r.prompt_logprobs[0] is None and len(got) == len(want)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=0)
+    top = lp[len(prompt) - 1].topk(3)
+    assert r.logprobs[0][1] == top.indices.tolist()
+    torch.testing.assert_close(torch.tensor(r.logprobs[0][2]), top.values, atol=1e-4, rtol=0)
+    assert all(len(x[1]) == 2 for x in r.prompt_logprobs[1:])

@@ -1,0 +1,126 @@
+"""Engine output in OpenAI's response shapes: choices, stream chunks, usage and log-probs.
+
+A chat completion is split as in DeepSeek's API: `reasoning_content` (between <think> and </think>) apart
+from `content` (the answer); text completions return the raw `text` (with `echo`, the prompt's text first).
+Log-probs are the model's own (engine.Logprob) for every generated token but a stop id that ended the
+request (it is not part of the text either); with `echo`, the prompt's tokens come first, the first of them
+without a log-prob (None), as in OpenAI's legacy completions. Chat: `{"content": [{token, logprob, bytes,
+top_logprobs: [...]}]}`; completions: `{tokens, token_logprobs, top_logprobs: [{token: logprob}],
+text_offset}`.
+"""
+
+from __future__ import annotations
+
+from nanoseek.infer.engine import Logprob
+from nanoseek.infer.engine import Request as EngineRequest
+from nanoseek.infer.text import ReasoningSplitter, split_reasoning
+from nanoseek.infer.worker import Delta
+
+
+def shown(r: EngineRequest, tokens, logprobs) -> list[tuple[int, Logprob]]:
+    """(token, log-probs) pairs of generated tokens that the text shows: a stop id is left out."""
+    return [(t, lp) for t, lp in zip(tokens, logprobs) if t not in r.stop_ids]
+
+
+class Choice:
+    """One choice's text and log-probs, built from its deltas; `chunk_piece` renders one delta for streaming,
+    `final` the whole choice."""
+
+    def __init__(self, index: int, request: EngineRequest, chat: bool, tokenizer, echo: str | None = None):
+        self.index, self.request, self.chat, self.tok = index, request, chat, tokenizer
+        self.text, self.offset = "", 0
+        self.splitter = ReasoningSplitter() if chat else None
+        self.echo = echo  # completions with echo: the prompt's text, sent before the completion
+        self.pairs: list[tuple[int, Logprob]] = []  # generated tokens shown, with their log-probs
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.request.params.logprobs is not None
+
+    def _token(self, t: int) -> str:
+        """The token's text; a token that holds part of a UTF-8 character is written `bytes:\\xNN...` (as OpenAI
+        and vLLM do), so distinct byte tokens never share a key in `top_logprobs`."""
+        text = self.tok.decode([t])
+        if "\ufffd" in text:
+            raw = self.tok.token_bytes(t)
+            try:
+                return raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+        return text
+
+    def _add_logprobs(self, pairs: list[tuple[int, Logprob | None]], out: dict) -> None:
+        for t, lp in pairs:
+            token = self._token(t)
+            if self.chat:
+                out["content"].append({
+                    "token": token, "logprob": lp[0], "bytes": list(self.tok.token_bytes(t)),
+                    "top_logprobs": [{"token": self._token(i), "logprob": v, "bytes": list(self.tok.token_bytes(i))}
+                                     for i, v in zip(lp[1], lp[2])]})
+                continue
+            out["tokens"].append(token)
+            out["token_logprobs"].append(None if lp is None else lp[0])
+            out["top_logprobs"].append(None if lp is None else {self._token(i): v for i, v in zip(lp[1], lp[2])})
+            out["text_offset"].append(self.offset)
+            self.offset += len(token)
+
+    def _prompt_logprobs(self, out: dict) -> None:
+        r = self.request
+        if r.prompt_logprobs is not None:
+            self._add_logprobs(list(zip(r.prompt, r.prompt_logprobs)), out)
+
+    def start(self) -> dict | None:
+        """The first piece of a chat stream: the role."""
+        return {"delta": {"role": "assistant", "content": ""}, "logprobs": None} if self.chat else None
+
+    def _empty(self) -> dict:
+        return {"content": []} if self.chat else {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                                                  "text_offset": []}
+
+    def chunk_piece(self, d: Delta) -> dict | None:
+        """A streamed delta (None when it carries nothing: a held-back partial tag and no log-probs)."""
+        lps, echo = None, self.echo or ""  # the echoed prompt goes with the first delta (after the prefill)
+        self.echo = None
+        if self.wants_logprobs:
+            lps = self._empty()
+            if echo:
+                self._prompt_logprobs(lps)
+            self._add_logprobs(shown(self.request, d.tokens, d.logprobs), lps)
+        if self.chat:
+            reasoning, content = self.splitter.push(d.text)
+            piece = {"delta": {k: v for k, v in (("reasoning_content", reasoning), ("content", content)) if v}}
+            has = bool(piece["delta"])
+        else:
+            piece, has = {"text": echo + d.text}, bool(echo + d.text)
+        if lps is not None and not any(lps.values()):
+            lps = None
+        if not (has or lps or d.finish_reason):
+            return None
+        return {**piece, "logprobs": lps, "finish_reason": d.finish_reason}
+
+    def add(self, d: Delta) -> None:
+        self.text += d.text
+        if self.wants_logprobs:
+            self.pairs += shown(self.request, d.tokens, d.logprobs)
+
+    def final(self) -> dict:
+        r, lps = self.request, None
+        if self.wants_logprobs:
+            lps = self._empty()
+            if self.echo is not None:
+                self._prompt_logprobs(lps)
+            self._add_logprobs(self.pairs, lps)
+        if not self.chat:
+            return {"index": self.index, "text": (self.echo or "") + self.text, "logprobs": lps,
+                    "finish_reason": r.finish_reason}
+        reasoning, content = split_reasoning(self.text)
+        return {"index": self.index, "message": {"role": "assistant", "content": content,
+                                                 "reasoning_content": reasoning},
+                "logprobs": lps, "finish_reason": r.finish_reason}
+
+
+def usage(prompts: list[list[int]], requests: list[EngineRequest]) -> dict:
+    """Token counts: each prompt once, whatever the number of choices (as OpenAI counts)."""
+    prompt = sum(len(p) for p in prompts)
+    completion = sum(len(r.tokens) for r in requests)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
