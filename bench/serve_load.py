@@ -18,7 +18,7 @@ Per run: requests/s and output tokens/s over the run's wall time, p50/p99 TTFT a
 429 retries, /health's in_flight after the run.
 The markdown table has a row per run (`--repeats` per client count, one server) plus the median and min-max.
 At the end: /health, /metrics' in_flight lines (unless 404), the server log's error lines, SIGTERM shutdown
-(exit code and seconds; -15 can be graceful: uvicorn re-raises the signal). Exit code 1 on any error,
+(exit code, 0 when graceful, and seconds). Exit code 1 on any error,
 in_flight != 0 at the end or a server that did not exit. Clients and server share the CPU cores.
 """
 

@@ -6,12 +6,14 @@ OpenAI clients send many; parameters nanoseek cannot honour (`tools`, `response_
 silently dropped. Chat `content` may be a string or a list of `{"type": "text", "text": ...}` parts (joined
 with newlines, as vLLM does); a `developer` message is a `system` message. A completions `prompt` may be a
 string, a list of strings, a list of token ids (used verbatim, no BOS added) or a list of such lists.
+Where the schema can say what is served (the neutral values of refused parameters, text parts only, content
+required but for assistant turns), it does, so schema-driven clients and fuzzers send what is served.
 """
 
 from __future__ import annotations
 
 import reprlib
-from typing import Literal
+from typing import Annotated, Literal
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -19,6 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 
+Stop = Annotated[str, Field(min_length=1)]  # a stop string
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI: 20 for chat, 5 for completions; vLLM: 20)
 INT64 = 2**63
 
@@ -76,30 +79,30 @@ def unsupported(field: str, why: str) -> APIError:
 
 
 # ---------------------------------------------------------------------- bodies
-class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    type: str
-    text: str | None = None
+class TextPart(BaseModel):
+    type: Literal["text"]  # image, audio and file parts are refused (the model reads text only)
+    text: str
 
 
-class Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[ContentPart] | None = None
-
-    def text(self, i: int) -> str:
-        """The content as one string: text parts joined with newlines; anything else is refused."""
+class _Message(BaseModel):
+    def text(self) -> str:
+        """The content as one string: text parts joined with newlines."""
         if self.content is None:
-            if self.role != "assistant":
-                raise APIError(400, f"messages.{i}.content is required for a {self.role} message",
-                               param="messages")
             return ""
-        if isinstance(self.content, str):
-            return self.content
-        for j, part in enumerate(self.content):
-            if part.type != "text" or part.text is None:
-                raise unsupported("messages", f"messages.{i}.content.{j} has type {part.type!r}; only "
-                                  "{'type': 'text', 'text': ...} parts are")
-        return "\n".join(part.text for part in self.content)
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class PromptMessage(_Message):
+    role: Literal["system", "developer", "user"]
+    content: str | list[TextPart]
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    content: str | list[TextPart] | None = None
+
+
+Message = Annotated[PromptMessage | AssistantMessage, Field(discriminator="role")]
 
 
 class StreamOptions(BaseModel):
@@ -115,18 +118,21 @@ class CompletionParams(BaseModel):
     top_k: int = Field(0, ge=0)
     max_tokens: int | None = Field(None, ge=1)
     seed: int | None = Field(None, ge=-INT64, lt=INT64)
-    stop: str | list[str] | None = None
+    stop: Stop | list[Stop] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    # refused unless neutral (see refuse_unsupported)
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    functions: list[dict] | None = None
-    function_call: str | dict | None = None
-    response_format: dict | None = None
-    logit_bias: dict[str, float] | None = None
-    presence_penalty: float = Field(0.0, ge=-2, le=2)
-    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    # Refused unless neutral (refuse_unsupported, with a message that says why); the schema states the neutral
+    # values only.
+    tools: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
+    tool_choice: str | dict | None = Field(None, json_schema_extra={"anyOf": [{"const": "none"}, {"type": "null"}]})
+    functions: list[dict] | None = Field(None, json_schema_extra={"maxItems": 0})
+    function_call: str | dict | None = Field(None, json_schema_extra={"anyOf": [{"const": "none"}, {"type": "null"}]})
+    response_format: dict | None = Field(None, json_schema_extra={"anyOf": [
+        {"type": "object", "properties": {"type": {"const": "text"}}, "required": ["type"],
+         "additionalProperties": False}, {"type": "null"}]})
+    logit_bias: dict[str, float] | None = Field(None, json_schema_extra={"maxProperties": 0})
+    presence_penalty: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 0})
+    frequency_penalty: float = Field(0.0, json_schema_extra={"minimum": 0, "maximum": 0})
 
     def refuse_unsupported(self) -> None:
         checks = [("tools", bool(self.tools), "tool calling is not implemented"),

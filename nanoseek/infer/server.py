@@ -285,8 +285,7 @@ class Completions:
     async def _chat_prompt(self, messages: list[Message]) -> list[int]:
         if messages[-1].role != "user":
             raise APIError(400, f"the last message must be the user's, got {messages[-1].role!r}", param="messages")
-        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text(i)}
-                 for i, m in enumerate(messages)]
+        plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         self._too_long(sum(len(m["content"].encode()) for m in plain), "messages")
         try:
             return await self._off_loop(self.tok.apply_chat, plain)

@@ -11,7 +11,8 @@ handler never got to run its `finally` (a streamed response that never started),
 at its deadline plus a grace. Closing cancels the ticket's unfinished requests; the engine drops them (and
 frees their rows) at its next step. A step that raises past the engine's own per-row isolation ends every
 request with an error and empties the engine, which then goes on serving; a thread that dies marks the
-worker dead (GET /health answers 503) and ends every ticket.
+worker dead (GET /health answers 503) and ends every ticket. `abort` (a shutdown past its grace) ends every
+unfinished request at once with finish_reason "aborted".
 """
 
 from __future__ import annotations
@@ -147,13 +148,13 @@ class EngineThread:
                     deltas = [Delta.of(u) for u in self.engine.step()]
                 except Exception:  # noqa: BLE001 (the engine isolates rows; this is a failure outside them)
                     log.exception("engine step failed; every request in it ends with an error")
-                    deltas = self._fail_all()
+                    deltas = self._fail_all("the engine step failed (see the server log)")
                 if deltas:
                     self.loop.call_soon_threadsafe(self._deliver, deltas)
         except BaseException:
             log.exception("the engine thread died")
             self.alive = False
-            self.loop.call_soon_threadsafe(self._deliver, self._fail_all())
+            self.loop.call_soon_threadsafe(self._deliver, self._fail_all("the engine thread has died"))
             raise
 
     def _add(self, ticket: Ticket, prompts: list[list[int]], params: list, future: asyncio.Future) -> None:
@@ -183,11 +184,11 @@ class EngineThread:
         if not future.cancelled():
             future.set_result(None)
 
-    def _fail_all(self) -> list[Delta]:
+    def _fail_all(self, reason: str) -> list[Delta]:
         """Empty the engine (its rows are reused), ending every request it held with "error"."""
         failed = self.engine.abort_all()
         for r in failed:
-            r.finish_reason, r.error = "error", r.error or "the engine step failed (see the server log)"
+            r.finish_reason, r.error = "error", r.error or reason
         return [Delta(r, (), "", (), "error") for r in failed]
 
     def _deliver(self, deltas: list[Delta]) -> None:

@@ -1,19 +1,22 @@
 """Schemathesis fuzzes the live server (uvicorn on a local port, real HTTP) from the OpenAPI schema it serves.
 
-The run is schemathesis's own engine (what `schemathesis run` does: its coverage phase, then its fuzzing phase,
-each with valid and invalid data), bounded by examples per operation and by time. A schema hook sends the
-served model's name, so requests get past the 404 for unknown models and reach generation. It must show:
-no 5xx response, no request without an answer (and no streamed answer cut short), nothing in flight at the
-end, and a server that still answers an ordinary chat completion.
+The run is schemathesis's own engine, what `schemathesis run` does: its coverage phase, then its fuzzing phase,
+each with valid and invalid data, bounded by examples per operation and by time. A schema hook sends the
+served model's name, so requests get past the 404 for unknown models and reach generation, and caps what one
+example may generate. Meanwhile a bystander client streams ordinary chat completions, so fuzzed requests share
+the engine's batch with requests in flight. The run must show: no response with status 5xx (nor a streamed
+server error), no request without an answer, no stream cut short, nothing in flight at the end, and a server
+that still answers an ordinary chat completion.
 
-(Schemathesis's pytest loader `schemathesis.pytest.from_fixture` cannot run here: schemathesis 4.32 writes
-`request.node._nodeid`, which pytest 9.2 no longer has; its eager `schema.parametrize()` would need the
-schema at import time, before any server runs.)
+Schemathesis's pytest loader `schemathesis.pytest.from_fixture` cannot run here (schemathesis 4.32 sets
+`request.node._nodeid`, which pytest 9.2 no longer has), and its eager `schema.parametrize()` needs the schema
+at import time, before any server runs: hence the engine, inside one test.
 """
 
 import collections
 import json
 import os
+import threading
 import time
 
 import httpx
@@ -26,10 +29,10 @@ from tests.conftest import tiny_model
 from tests.infer.test_server import HI, NAME, TEXTS, live_server
 
 SEED = int(os.environ.get("NANOSEEK_FUZZ_SEED", "0"))  # another seed explores other inputs
-EXAMPLES = 50  # per operation in the fuzzing phase (valid and invalid data together)
+EXAMPLES = 50  # per operation and generation mode (valid, invalid) in the fuzzing phase
 BUDGET = 75.0  # seconds of fuzzing; past it the engine is stopped (a bound, not a failure)
-CLIENT_TIMEOUT = 30  # seconds without an answer: a failure (the server's own request_timeout is 20: 408)
-MAX_TOKENS = 16  # generation limits the hook puts on valid requests, so no example takes long
+CLIENT_TIMEOUT = 30  # seconds without an answer: a failure (past the server's request_timeout=20 it answers 408)
+MAX_TOKENS = 16  # what the hook leaves a valid request to generate, so no example takes long
 MAX_N = 4
 OPERATIONS = {"GET /health", "GET /v1/models", "POST /v1/chat/completions", "POST /v1/completions",
               "POST /tokenize", "POST /detokenize"}
@@ -53,21 +56,23 @@ def load_schema(url: str):
         "seed": SEED,
         "generation": {"mode": "all", "max-examples": EXAMPLES, "database": "none", "no-shrink": True},
         "phases": {"stateful": {"enabled": False}},
-        # only the properties asked for: undocumented statuses (400, 404, 408, 413, 429) and response bodies
-        # the schema does not describe are not failures here
+        # only what is asked for here: undocumented statuses (400, 404, 408, 413, 429) and response bodies the
+        # schema does not describe are not failures
         "checks": {"enabled": False, "not_a_server_error": {"enabled": True}},
         "continue-on-failure": True,
         "request-timeout": CLIENT_TIMEOUT,
         "max-stream-events": 1_000_000,  # read every stream to its end
-        "cache": {"enabled": False},  # no .schemathesis/ directory, nothing carried from run to run
-        "workers": 2,  # two operations at once: concurrent requests on the engine
+        "cache": {"enabled": False},  # no .schemathesis/ directory, nothing carried from one run to the next
+        # one operation at a time: hypothesis generating in two threads at once trips CPython 3.11's parser
+        # ("SystemError: AST constructor recursion depth mismatch"); the bystander brings the concurrency
+        "workers": 1,
     })
     schema = schemathesis.openapi.from_url(f"{url}/openapi.json", config=config)
 
     @schema.hook
     def map_case(context, case):
-        """Send the served model's name and cap generation wherever a body is an object with a string model;
-        other values (invalid ones included) go as generated."""
+        """Where the body is an object with a string `model`: the served model's name, and at most MAX_TOKENS
+        tokens and MAX_N choices. Other bodies, and invalid values of these fields, go as generated."""
         body = case.body
         if isinstance(body, dict) and isinstance(body.get("model"), str):
             body["model"] = NAME
@@ -81,30 +86,49 @@ def load_schema(url: str):
     return schema
 
 
-def describe(interaction) -> str:
-    """The request as sent (method, URL, body) and the answer, short."""
-    request, response = interaction.request, interaction.response
-    body = request.body.decode("utf-8", "replace") if request.body is not None else ""
-    answer = "no answer" if response is None else f"{response.status_code} {response.text[:300]!r}"
-    return f"{request.method} {request.uri}  {body[:600]!r}\n      -> {answer}"
+def problem(status: int | None, content_type: str, text: str, cut_short: bool = False) -> str | None:
+    """What is wrong with an answer, if anything: none, a 5xx, a server error event in a stream (the status line
+    had gone out), or a stream that did not run to its `data: [DONE]`."""
+    if status is None:
+        return "no answer"
+    if status >= 500:
+        return f"{status} {text[:120]}"
+    if "text/event-stream" in content_type:
+        try:
+            events_ = [json.loads(line[6:]) for line in text.splitlines()
+                       if line.startswith("data: ") and line != "data: [DONE]"]
+        except json.JSONDecodeError as exc:
+            return f"a stream event that is not JSON: {exc}"
+        failed = [e["error"] for e in events_ if isinstance(e, dict) and "error" in e]
+        if any(error.get("type") == "server_error" for error in failed):
+            return f"streamed error {json.dumps(failed[0])[:120]}"
+        if cut_short or not text.rstrip().endswith("data: [DONE]"):
+            return "stream cut short"
+    return None
 
 
-def listing(name: str, found: dict, most: int = 3) -> str:
-    """Problems grouped by operation and answer: count, then a few of the requests."""
-    lines = [f"{sum(map(len, found.values()))} {name}:"]
-    for (label, answer), items in found.items():
-        lines.append(f"  {label} -> {answer}: {len(items)}")
-        lines += [f"    {item}" for item in items[:most]]
-    return "\n".join(lines)
+def describe(method: str, url: str, body: bytes | None, status: int | None, text: str) -> str:
+    """The request as sent and the answer, short enough to read in a list."""
+    sent = body.decode("utf-8", "replace") if body is not None else ""
+    answer = f"no answer {text[:200]}" if status is None else f"{status} {text[:300]!r}"
+    return f"{method} {url}  {sent[:600]!r}\n      -> {answer}"
 
 
-def stream_events(text: str) -> list:
-    """The JSON events of a server-sent event stream (not the final `[DONE]`)."""
-    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+def bystander(url: str, stop: threading.Event, answers: list) -> None:
+    """Stream ordinary chat completions, each read to its end, until `stop`; log (status, content type, text)."""
+    body = {"model": NAME, "messages": HI, "max_tokens": MAX_TOKENS, "stream": True}
+    with httpx.Client(timeout=CLIENT_TIMEOUT) as http:
+        while not stop.is_set():
+            try:
+                with http.stream("POST", f"{url}/v1/chat/completions", json=body) as r:
+                    answers.append((r.status_code, r.headers.get("content-type", ""), r.read().decode()))
+            except httpx.HTTPError as exc:
+                answers.append((None, "", repr(exc)))
+            stop.wait(0.2)
 
 
 def wait_idle(url: str, timeout: float = 5.0) -> dict:
-    """GET /health until nothing is in flight (the engine frees rows asynchronously)."""
+    """GET /health until nothing is in flight (the engine frees rows asynchronously) or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while True:
         health = httpx.get(f"{url}/health", timeout=CLIENT_TIMEOUT).json()
@@ -116,46 +140,51 @@ def wait_idle(url: str, timeout: float = 5.0) -> dict:
 @pytest.mark.slow
 def test_schemathesis_finds_no_server_errors_hangs_or_leaks(fuzz_url):
     schema = load_schema(fuzz_url)
-    statuses = collections.Counter()  # (operation, status or None for no answer)
-    server_errors, unanswered, cut_short = (collections.defaultdict(list) for _ in range(3))
+    statuses = collections.Counter()  # (operation, status; None: no answer)
+    found = collections.defaultdict(list)  # (operation, problem) -> requests
     errors, streams = [], 0
-    stream = from_schema(schema).execute()
+    stop, answers = threading.Event(), []
+    thread = threading.Thread(target=bystander, args=(fuzz_url, stop, answers), daemon=True)
+    thread.start()
+    run = from_schema(schema).execute()
     start, finished = time.monotonic(), None
-    for event in stream:
-        if isinstance(event, events.ScenarioFinished):
-            label = event.recorder.label
-            for interaction in event.recorder.interactions.values():
-                response = interaction.response
-                statuses[label, None if response is None else response.status_code] += 1
-                if response is None:
-                    unanswered[label, "no answer"].append(describe(interaction))
-                elif response.status_code >= 500:
-                    server_errors[label, f"{response.status_code} {response.text[:120]}"].append(describe(interaction))
-                elif "text/event-stream" in str(response.headers.get("content-type")):
-                    streams += 1
-                    # once the status line has gone out, a server error is an error event in the stream
-                    failed = [e["error"] for e in stream_events(response.text) if "error" in e]
-                    if any(error.get("type") == "server_error" for error in failed):
-                        server_errors[label, f"streamed {failed[0]}"[:120]].append(describe(interaction))
-                    elif response.stream_cut_short or not response.text.rstrip().endswith("data: [DONE]"):
-                        cut_short[label, "stream cut short"].append(describe(interaction))
-        elif isinstance(event, events.NonFatalError):
-            errors.append(f"{event.label}: {event.info.title}: {event.info.message}")
-        elif isinstance(event, events.FatalError):
-            errors.append(f"engine: {event.exception!r}")
-        elif isinstance(event, events.EngineFinished):
-            finished = event
-        if time.monotonic() - start > BUDGET:
-            stream.stop()
+    try:
+        for event in run:
+            if isinstance(event, events.ScenarioFinished):
+                label = event.recorder.label
+                for interaction in event.recorder.interactions.values():
+                    request, response = interaction.request, interaction.response
+                    status = None if response is None else response.status_code
+                    statuses[label, status] += 1
+                    text = "" if response is None else response.text
+                    content_type = "" if response is None else str(response.headers.get("content-type"))
+                    streams += "text/event-stream" in content_type
+                    if (kind := problem(status, content_type, text, response and response.stream_cut_short)):
+                        found[label, kind].append(describe(request.method, request.uri, request.body, status, text))
+            elif isinstance(event, events.NonFatalError):  # a network error, or one in the engine or the hook
+                errors.append(f"{event.label}: {event.info.title}: {event.info.message}")
+            elif isinstance(event, events.FatalError):
+                errors.append(f"engine: {event.exception!r}")
+            elif isinstance(event, events.EngineFinished):
+                finished = event
+            if time.monotonic() - start > BUDGET:
+                run.stop()
+    finally:
+        stop.set()
+        thread.join(CLIENT_TIMEOUT + 5)
     elapsed = time.monotonic() - start
-    print(f"\nfuzzed for {elapsed:.1f} s: {sum(statuses.values())} requests ({streams} streamed), seed {SEED}, "
-          f"{finished and finished.stop_reason}")
+    for status, content_type, text in answers:
+        statuses["bystander chat stream", status] += 1
+        if (kind := problem(status, content_type, text)):
+            found["bystander chat stream", kind].append(describe("POST", "/v1/chat/completions", None, status, text))
+
+    print(f"\nfuzzed for {elapsed:.1f} s: {sum(statuses.values())} requests ({streams} fuzzed streams, "
+          f"{len(answers)} bystander streams), seed {SEED}, {finished and finished.stop_reason}")
     for (label, status), count in sorted(statuses.items(), key=lambda item: (item[0][0], item[0][1] or 0)):
         print(f"  {label} {status or 'no answer'}: {count}")
 
-    problems = [listing(name, found) for name, found in (("responses with status 5xx", server_errors),
-                                                         ("requests without an answer", unanswered),
-                                                         ("streams cut short", cut_short)) if found]
+    problems = [f"{len(items)} x {label} -> {kind}:" + "".join(f"\n    {item}" for item in items[:3])
+                for (label, kind), items in found.items()]
     problems += [f"engine error: {error}" for error in errors]
     try:
         health = wait_idle(fuzz_url)
@@ -171,3 +200,4 @@ def test_schemathesis_finds_no_server_errors_hangs_or_leaks(fuzz_url):
     tested = {label for label, _ in statuses}
     assert OPERATIONS <= tested, f"not fuzzed: {OPERATIONS - tested}"
     assert statuses["POST /v1/completions", 200] and streams, "the fuzzing did not reach generation"
+    assert not thread.is_alive() and statuses["bystander chat stream", 200], "the bystander did not stream"

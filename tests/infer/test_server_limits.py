@@ -230,3 +230,17 @@ def test_sigterm_with_requests_in_flight_exits_0_within_10_s(tiny_run):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_engine_thread_shows_in_health_and_ends_every_request(tokenizer, monkeypatch):
+    with live_server(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer) as (url, app):
+        def die():
+            raise SystemExit("injected: the engine thread dies")
+        monkeypatch.setattr(app.state.worker.engine, "step", die)
+        r = post(url, "completions", {"model": NAME, "prompt": "a", "max_tokens": 3})
+        assert r.status_code == 500 and "died" in r.json()["error"]["message"]
+        health = httpx.get(f"{url}/health")
+        assert health.status_code == 503 and health.json()["status"] == "dead" and health.json()["in_flight"] == 0
+        r = post(url, "completions", {"model": NAME, "prompt": "a", "max_tokens": 3})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
