@@ -22,9 +22,10 @@ Chat format (`render_chat`; the built-in corpus documents use it verbatim):
 Turns alternate user / assistant; each assistant turn ends with eos, the stop token for generation. The
 format has no system role: R1's advice is to put every instruction in the user prompt, and that is the rule
 for system messages here: those that open the conversation are joined, each followed by a blank line, and
-put before the first user turn's text (`<|user|>{system}\n\n{prompt}`); a system message after that is an error. The packed training stream is `bos doc eos bos doc eos ...`, so a prompt
-rendered here begins exactly as every training document does (without bos, a small model trained on the
-stream mis-reads prompts that start at position 0: 0% vs a correct answer, seen on the demo model).
+put before the first user turn's text (`<|user|>{system}\\n\\n{prompt}`); a system message after that is
+an error. The packed training stream is `bos doc eos bos doc eos ...`, so a prompt rendered here begins
+exactly as every training document does (without bos, a small model trained on the stream mis-reads prompts
+that start at position 0: 0% vs a correct answer, seen on the demo model).
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 Stop = Annotated[str, Field(min_length=1)]  # a stop string

@@ -4,7 +4,8 @@ Endpoints: GET / (the chat page, static/index.html), GET /health, GET /metrics (
 POST /v1/chat/completions and POST /v1/completions (streamed as server-sent events, `data: {chunk}` lines
 then `data: [DONE]`, or not), and vLLM's POST /tokenize, POST /detokenize, GET /tokenizer_info (what
 lm-evaluation-harness's remote tokenizer reads). The dialect is in protocol.py, the response shapes in
-responses.py, the engine's thread and the request tickets in worker.py.
+responses.py, the engine's thread and the request tickets in worker.py, the API key and body limit in
+access.py.
 
 Every request ends in bounded time, with a response or an OpenAI error:
 - the body is at most `max_body_bytes` (413, checked while it is read);
@@ -20,8 +21,6 @@ Every request ends in bounded time, with a response or an OpenAI error:
 from __future__ import annotations
 
 import asyncio
-import hmac
-import ipaddress
 import json
 import logging
 import sys
@@ -36,9 +35,9 @@ from typing import TYPE_CHECKING
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException
 
 from nanoseek.data.tokenizer import BOS, CHAT_TEMPLATE, EOS
+from nanoseek.infer.access import Gate, exposure_warning, require_key
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.metrics import Metrics, Timer
 from nanoseek.infer.protocol import (APIError, ChatBody, CompletionBody, DetokenizeBody, Message, TokenizeBody,
@@ -53,8 +52,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 STATIC = Path(__file__).parent / "static"
 DISCONNECT_POLL = 0.5  # seconds between checks that a non-streamed request's client is still there
-ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/completions", "/tokenize",
-             "/detokenize", "/tokenizer_info")
 
 
 @dataclass
@@ -86,61 +83,6 @@ class ServeConfig:
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be {rule}")
-
-
-def _require_key(key: str):
-    """A dependency that answers 401 unless the request carries `Authorization: Bearer <key>`."""
-    expected = f"Bearer {key}".encode()
-
-    async def check(request: Request) -> None:
-        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
-            raise APIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
-                           code="invalid_api_key")
-    return check
-
-
-class Gate:
-    """ASGI middleware: counts responses by endpoint and status, and refuses bodies over `limit` bytes (413)
-    from Content-Length, or while the body is read when it has none."""
-
-    def __init__(self, app, limit: int, metrics: Metrics):
-        self.app, self.limit, self.metrics = app, limit, metrics
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
-        status = 500
-
-        async def counted(message):
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        too_large = APIError(413, f"the request body exceeds max_body_bytes={self.limit} (the server's "
-                                  "--max-body-mb)", code="request_too_large")
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise HTTPException(413, too_large.message)
-            return message
-
-        try:
-            length = int(dict(scope["headers"]).get(b"content-length", b"0"))
-        except ValueError:
-            length = 0
-        try:
-            if length > self.limit:
-                await too_large.response()(scope, receive, counted)
-            else:
-                await self.app(scope, limited, counted)
-        finally:
-            self.metrics.requests.labels(endpoint, str(status)).inc()
 
 
 # ---------------------------------------------------------------------- completions
@@ -392,7 +334,7 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str) -> FastAPI:
     app.state.drain = completions.drain
     app.add_middleware(Gate, limit=cfg.max_body_bytes, metrics=metrics)
     install_error_handlers(app)
-    auth = [Depends(_require_key(cfg.api_key))] if cfg.api_key else []
+    auth = [Depends(require_key(cfg.api_key))] if cfg.api_key else []
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
@@ -439,21 +381,6 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str) -> FastAPI:
                 "vocab_size": tokenizer.vocab_size}
 
     return app
-
-
-def exposure_warning(host: str, api_key: str | None) -> str | None:
-    """The warning for a server reachable beyond this machine without an API key (None when there is none)."""
-    if api_key:
-        return None
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if loopback:
-        return None
-    return (f"WARNING: serving on {host}, reachable from other machines, without --api-key: anyone who can "
-            "reach this port can use the model. Pass --api-key KEY (clients send `Authorization: Bearer KEY`) "
-            "or bind 127.0.0.1.")
 
 
 def serve(pretrained: Pretrained, cfg: ServeConfig) -> None:

@@ -6,16 +6,10 @@ import httpx
 import pytest
 import torch
 
-from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import generate
 from nanoseek.infer.sampling import SamplingParams
 from tests.conftest import tiny_model
-from tests.infer.test_server import HI, NAME, TEXTS, live_server
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train(iter(TEXTS * 20), vocab_size=300)
+from tests.infer.conftest import HI, NAME, live_server
 
 
 @pytest.fixture(scope="module")

@@ -24,9 +24,8 @@ import pytest
 import schemathesis
 from schemathesis.engine import events, from_schema
 
-from nanoseek.data.tokenizer import Tokenizer
 from tests.conftest import tiny_model
-from tests.infer.test_server import HI, NAME, TEXTS, live_server
+from tests.infer.conftest import HI, NAME, live_server
 
 SEED = int(os.environ.get("NANOSEEK_FUZZ_SEED", "0"))  # another seed explores other inputs
 EXAMPLES = 50  # per operation and generation mode (valid, invalid) in the fuzzing phase
@@ -39,8 +38,7 @@ OPERATIONS = {"GET /health", "GET /v1/models", "POST /v1/chat/completions", "POS
 
 
 @pytest.fixture(scope="module")
-def fuzz_url():
-    tokenizer = Tokenizer.train(iter(TEXTS * 20), vocab_size=300)
+def fuzz_url(tokenizer):
     with live_server(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer, max_batch=4, max_concurrent=8,
                      max_len=128, max_tokens_default=MAX_TOKENS, request_timeout=20) as (url, _):
         yield url

@@ -21,11 +21,10 @@ import torch
 import yaml
 from lm_eval.tasks import TaskManager
 
-from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import generate
 from nanoseek.infer.sampling import SamplingParams
 from tests.conftest import tiny_model
-from tests.infer.test_server import NAME, TEXTS, live_server
+from tests.infer.conftest import NAME, live_server
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +32,6 @@ TASK_DIR = Path(__file__).parent / "lm_eval_task"
 TASKS = ["nanoseek_arith", "nanoseek_qa"]
 OFFLINE = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 LOCAL = {"127.0.0.1", "localhost", "::1"}
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train(iter(TEXTS * 20), vocab_size=300)
 
 
 @pytest.fixture(scope="module")

@@ -2,52 +2,17 @@
 and raw httpx requests, on a tiny random model with a small tokenizer."""
 
 import contextlib
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
-from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.infer.engine import Engine, Update
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.infer.server import ServeConfig, create_app
+from nanoseek.infer.server import ServeConfig
 from tests.conftest import tiny_model
-
-TEXTS = ["The quick brown fox jumps over the lazy dog.", "What is 12 + 30? <answer>42</answer>",
-         "Hello, how are you today?", "Think step by step, then answer."]
-NAME = "tiny"
-HI = [{"role": "user", "content": "Hello"}]
-
-
-@contextlib.contextmanager
-def live_server(model, tokenizer, **cfg):
-    """Serve create_app(...) with uvicorn in a thread on a free 127.0.0.1 port; yields (base_url, app)."""
-    app = create_app(model, tokenizer, ServeConfig(**cfg), NAME)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-    thread = threading.Thread(target=server.run, kwargs=dict(sockets=[sock]), daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}", app
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train(iter(TEXTS * 20), vocab_size=300)
+from tests.infer.conftest import HI, NAME, live_server, wait_idle
 
 
 @pytest.fixture(scope="module")
@@ -241,13 +206,6 @@ def open_stream(url, **body):
     stack.callback(lines.close)  # holds the iterator: dropping it would close the connection
     assert next(lines).startswith("data: {")
     return stack
-
-
-def wait_idle(url, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while (h := httpx.get(f"{url}/health").json())["running"] or h["in_flight"]:
-        assert time.monotonic() < deadline, f"the engine did not free its rows: {h}"
-        time.sleep(0.02)
 
 
 def test_too_many_requests(tokenizer):

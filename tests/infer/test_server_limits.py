@@ -15,15 +15,9 @@ import httpx
 import pytest
 import torch
 
-from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.infer.server import exposure_warning
+from nanoseek.infer.access import exposure_warning
 from tests.conftest import tiny_model
-from tests.infer.test_server import HI, NAME, TEXTS, live_server, wait_idle
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return Tokenizer.train(iter(TEXTS * 20), vocab_size=300)
+from tests.infer.conftest import HI, NAME, live_server, wait_idle
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from tests.conftest import tiny_model
-from tests.infer.test_server import NAME, REASONING, live_server, script, tokenizer  # noqa: F401 (a fixture)
+from tests.infer.conftest import NAME, live_server
+from tests.infer.test_server import REASONING, script
 
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
