@@ -54,7 +54,7 @@ import sys
 import time
 from pathlib import Path
 
-import nanoseek  # noqa: F401  (before torch: huge pages for every allocation in this process, both frameworks)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: huge pages for both frameworks (cli.py)
 import torch
 
 from nanoseek import ModelConfig, Transformer

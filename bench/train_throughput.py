@@ -23,7 +23,7 @@ import subprocess
 import sys
 import time
 
-import nanoseek  # noqa: F401  (before torch: huge pages for every allocation in this process, both frameworks)
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: huge pages for both frameworks (cli.py)
 import torch
 import torch.nn.functional as F
 

@@ -1,14 +1,16 @@
 """nanoseek: the DeepSeek-V3 / R1 recipe in compact, verified PyTorch."""
 
-import os
-
-# Transparent huge pages for torch's large CPU allocations (2 MiB pages, read by torch when it loads, so only
-# where nanoseek is imported first): decoding streams every weight once per token, and 4 KiB pages cost it
-# ~10% in TLB misses here (docs/LOG.md, session 4). THP_MEM_ALLOC_ENABLE=0 turns it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-from nanoseek.config import ModelConfig  # noqa: E402
-from nanoseek.model import Transformer  # noqa: E402
-
 __all__ = ["ModelConfig", "Transformer"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    """`from nanoseek import ModelConfig, Transformer` without loading torch on `import nanoseek` (PEP 562),
+    so that the `nanoseek` command can set torch's environment before torch loads (cli.py)."""
+    if name == "ModelConfig":
+        from nanoseek.config import ModelConfig
+        return ModelConfig
+    if name == "Transformer":
+        from nanoseek.model import Transformer
+        return Transformer
+    raise AttributeError(f"module 'nanoseek' has no attribute {name!r}")

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-import argparse
+import os
+
+# Transparent huge pages for torch's large CPU allocations, for the `nanoseek` command only (torch reads this
+# when it loads, so it is set before any torch import; importing nanoseek as a library changes nothing):
+# decoding streams every weight once per token, and 4 KiB pages cost it ~10% in TLB misses here (docs/LOG.md,
+# session 4). THP_MEM_ALLOC_ENABLE=0 turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import argparse  # noqa: E402
 import sys
 import time
 from pathlib import Path
@@ -65,10 +73,14 @@ def cmd_plan(args) -> int:
 
 def cmd_tokenizer(args) -> int:
     """Train a byte-level BPE on text files and save DIR/tokenizer.json (nanoseek/data/tokenizer.py)."""
+    from nanoseek.data.documents import check_input, iter_documents
     from nanoseek.data.tokenizer import Tokenizer
 
+    for f in args.input:
+        check_input(f)  # fail before training on a missing file
     t0 = time.perf_counter()
-    tok = Tokenizer.train(list(args.input), args.vocab_size, args.out, text_field=args.text_field)
+    texts = (doc for f in args.input for doc in iter_documents(f, args.text_field))
+    tok = Tokenizer.train(texts, args.vocab_size, args.out)
     print(f"tokenizer: {tok.vocab_size:,} tokens (asked {args.vocab_size:,}) -> {tok.path} "
           f"in {time.perf_counter() - t0:.1f} s")
     return 0
@@ -156,7 +168,7 @@ def cmd_generate(args) -> int:
     """Complete prompts (--prompt, repeatable, or --prompts FILE: one per line or JSONL with "prompt")."""
     import json
 
-    from nanoseek.data.shards import iter_jsonl
+    from nanoseek.data.documents import iter_jsonl
     from nanoseek.infer.chat import complete
 
     prompts = list(args.prompt)

@@ -74,6 +74,18 @@ def measure_gemm_peak(dtype=None, sizes: tuple[int, ...] = (2048, 4096), repeats
     return best
 
 
+_PEAKS: dict[str, float] = {}  # per process: the best measurement so far, per device
+
+
+def gemm_peak(device: str, again: bool = False) -> float:
+    """The device's measured GEMM peak (2048^3, max of 3): measured once per process, and again with `again`
+    (at the end of a run), keeping the best, so that a moment when other work shared the cores does not
+    stand for the machine (it showed as MFU > 100%)."""
+    if again or device not in _PEAKS:
+        _PEAKS[device] = max(_PEAKS.get(device, 0.0), measure_gemm_peak(sizes=(2048,), device=device))
+    return _PEAKS[device]
+
+
 def peak_flops(gpu: str, precision: str | None = None) -> tuple[float, str, str]:
     """(dense peak FLOP/s, precision, "datasheet" or "measured") of a `GPUS` entry; precision defaults to the
     first the entry lists (bf16 for GPUs, fp32 for cpu)."""

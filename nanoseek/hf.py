@@ -23,7 +23,7 @@ from nanoseek.config import ModelConfig
 from nanoseek.data.tokenizer import CHAT_TEMPLATE, Tokenizer
 from nanoseek.model import Transformer
 from nanoseek.model.fp8 import dequantize_checkpoint, quantize_checkpoint
-from nanoseek.train.checkpoint import latest_checkpoint
+from nanoseek.runs import latest_checkpoint
 
 
 @dataclass

@@ -5,10 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.figure import Figure  # figures without pyplot: no process-wide backend or figure registry
 
 
 def read_metrics(run_dir: Path) -> tuple[list[dict], list[dict]]:
@@ -31,7 +28,7 @@ def plot_training(run_dir: Path) -> list[Path]:
     x = [r["step"] for r in steps]
     paths = []
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _figure((7, 4))
     ax.plot(x, [r["main"] for r in steps], label="train: next-token")
     if "mtp" in steps[0]:
         ax.plot(x, [r["mtp"] for r in steps], label="train: MTP", alpha=0.7)
@@ -42,14 +39,14 @@ def plot_training(run_dir: Path) -> list[Path]:
     ax.legend()
     paths.append(_save(fig, out / "loss.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig, ax = _figure((7, 3))
     ax.plot(x, [r["lr"] for r in steps])
     ax.set(xlabel="step", ylabel="learning rate", title="Learning rate")
     ax.grid(alpha=0.3)
     paths.append(_save(fig, out / "lr.png"))
 
     if steps[0].get("max_vio"):
-        fig, ax = plt.subplots(figsize=(7, 4))
+        fig, ax = _figure((7, 4))
         for layer in range(len(steps[0]["max_vio"])):
             ax.plot(x, [r["max_vio"][layer] for r in steps], label=f"MoE layer {layer}")
         ax.set(xlabel="step", ylabel="MaxVio = max load / mean load - 1", title="Expert load balance")
@@ -76,7 +73,7 @@ def plot_rl(run_dir: Path) -> list[Path]:
               ("kl_entropy.png", "KL to the reference and policy entropy", ["kl", "entropy"])]
     paths = []
     for name, title, keys in panels:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+        fig, ax = _figure((7, 3.5))
         for k in keys:
             ax.plot(x, [r[k] for r in steps], label=k)
         ax.set(xlabel="step", title=title)
@@ -84,7 +81,7 @@ def plot_rl(run_dir: Path) -> list[Path]:
         ax.legend()
         paths.append(_save(fig, out / name))
     if evals:
-        fig, ax = plt.subplots(figsize=(7, 3.5))
+        fig, ax = _figure((7, 3.5))
         for k in evals[0]["eval"]:
             ax.plot([r["step"] for r in evals], [r["eval"][k] for r in evals], "o-", label=k)
         ax.set(xlabel="step", ylabel="fraction correct", title="Held-out accuracy")
@@ -94,10 +91,14 @@ def plot_rl(run_dir: Path) -> list[Path]:
     return paths
 
 
+def _figure(size: tuple[float, float]):
+    fig = Figure(figsize=size)
+    return fig, fig.add_subplot()
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

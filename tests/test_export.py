@@ -5,7 +5,6 @@ import json
 import pytest
 import torch
 
-from nanoseek import Transformer
 from nanoseek.cli import main
 from nanoseek.hf import load_pretrained
 from nanoseek.infer.engine import generate
@@ -47,7 +46,7 @@ def test_export_round_trip(tiny_run, tmp_path, shard_gb):
     got = ref.generate(torch.tensor([chat]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(chat):]
     assert got.tolist() == want
     # and back into nanoseek
-    back = Transformer.from_pretrained(out)
+    back = load_pretrained(out).model
     torch.testing.assert_close(back(ids).logits, ours.model(ids).logits, atol=1e-5, rtol=0)
 
 

@@ -127,9 +127,9 @@ class Tokenizer:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def train(cls, files_or_iterator, vocab_size: int, out_dir: str | Path | None = None, *,
-              text_field: str = "text", min_frequency: int = 2) -> Tokenizer:
-        """Train on files (a path, or a list/tuple of .txt/.jsonl/.parquet paths) or on an iterator of texts.
+    def train(cls, texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None, *,
+              min_frequency: int = 2) -> Tokenizer:
+        """Train on texts (for files: data.documents.iter_documents of each).
 
         The vocabulary holds at most vocab_size tokens (6 special + 256 bytes + merges); it is smaller when
         the text offers fewer merges of at least min_frequency occurrences. Saved as out_dir/tokenizer.json.
@@ -140,13 +140,6 @@ class Tokenizer:
         floor = len(SPECIAL_TOKENS) + 256
         if vocab_size < floor:
             raise ValueError(f"vocab_size={vocab_size} must be >= {floor} (6 special tokens + 256 bytes)")
-        if isinstance(files_or_iterator, (str, Path, list, tuple)):
-            from nanoseek.data.shards import iter_documents
-
-            files = [files_or_iterator] if isinstance(files_or_iterator, (str, Path)) else files_or_iterator
-            texts = (doc for f in files for doc in iter_documents(f, text_field))
-        else:
-            texts = iter(files_or_iterator)
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),

@@ -31,7 +31,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from nanoseek.dist.ep import ExpertParallel
 from nanoseek.dist.parallel import Parallel
-from nanoseek.train.checkpoint import (CheckpointError, _write, load_tensors, param_groups, param_names, publish,
+from nanoseek.runs import CheckpointError
+from nanoseek.train.checkpoint import (_write, load_tensors, param_groups, param_names, publish,
                                        read_state, staging)
 
 

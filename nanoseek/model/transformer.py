@@ -4,20 +4,19 @@
 
 `forward` serves training (no cache: SDPA causal attention, MTP logits, router statistics with the
 balance loss) and inference (a `LatentCache`: per-row positions, absorbed attention for decoding).
-Parameter names mirror `DeepseekV3ForCausalLM` (spec section 10), so `hf_state_dict` only adds the `model.`
-prefix, splits the stacked experts into one key set per expert, and moves MTP depth k to layer L + k - 1.
+Parameter names mirror `DeepseekV3ForCausalLM` (spec section 10); model/hf_keys.py maps the two differences
+(stacked experts, MTP depth k at layer L + k - 1) for `hf_state_dict` / `load_hf_state_dict`.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model import decode
+from nanoseek.model import decode, hf_keys
 from nanoseek.model.block import Block
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import Experts, Gate, MoE, RouterStats
@@ -185,107 +184,24 @@ class Transformer(nn.Module):
         h, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache, balance_loss=False)
         return self.lm_head(h if logits_at is None else _take(h, logits_at))
 
-    # ------------------------------------------------------------------ Hugging Face names (spec section 10)
-    @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32) -> Transformer:
-        """A Hugging Face-format DeepSeek-V3 / V2 folder (safetensors, sharded or FP8), a nanoseek run or a
-        checkpoint: nanoseek.hf.load_pretrained without the tokenizer."""
-        from nanoseek.hf import load_pretrained  # hf builds on the model: imported on use, not at import
-
-        return load_pretrained(path, device=device, dtype=dtype).model
-
-
+    # ------------------------------------------------------------------ Hugging Face names (model/hf_keys.py)
     def hf_state_dict(self, mtp_copies: bool = True, state: dict[str, torch.Tensor] | None = None
                       ) -> dict[str, torch.Tensor]:
-        """State dict (`state`, default this model's) under DeepseekV3ForCausalLM names, one key set per
-        routed expert, MTP depth k at layer index num_hidden_layers + k - 1 with (if mtp_copies) its copies
-        of the embedding and head, as in the released V3."""
-        L = self.config.num_hidden_layers
-        state = self.state_dict() if state is None else state
-        out: dict[str, torch.Tensor] = {}
-        for name, t in state.items():
-            if name == "lm_head.weight":
-                if not self.config.tie_word_embeddings:
-                    out[name] = t
-                continue
-            m = re.match(r"mtp\.(\d+)\.(.*)", name)
-            key = f"model.layers.{L + int(m[1])}.{m[2]}" if m else f"model.{name}"
-            if key.endswith("experts.gate_up_proj"):
-                stem, I = key[: -len("gate_up_proj")], t.shape[1] // 2
-                for e in range(t.shape[0]):
-                    out[f"{stem}{e}.gate_proj.weight"] = t[e, :I]
-                    out[f"{stem}{e}.up_proj.weight"] = t[e, I:]
-            elif key.endswith("experts.down_proj"):
-                stem = key[: -len("down_proj")]
-                for e in range(t.shape[0]):
-                    out[f"{stem}{e}.down_proj.weight"] = t[e]
-            else:
-                out[key] = t
-        for k in range(len(self.mtp) if mtp_copies else 0):
-            out[f"model.layers.{L + k}.embed_tokens.weight"] = state["embed_tokens.weight"]
-            out[f"model.layers.{L + k}.shared_head.head.weight"] = state["lm_head.weight"]
-        return out
+        """State dict (`state`, default this model's) under DeepseekV3ForCausalLM names (hf_keys.to_hf)."""
+        return hf_keys.to_hf(self.state_dict() if state is None else state, self.config, mtp_copies)
 
     @torch.no_grad()
     def load_hf_state_dict(self, sd: dict[str, torch.Tensor], strict: bool = True) -> list[str]:
-        """Load Hugging Face DeepSeek-V3 names: per-expert keys (checkpoint files) or the stacked
-        `experts.gate_up_proj` / `experts.down_proj` of transformers >= 5. Returns the missing keys (ours)
-        when strict=False; raises a ValueError listing missing, unexpected and mis-shaped keys otherwise."""
-        ours = self.state_dict()
-        mapped, experts, unexpected = self._map_hf_keys(sd)
-        for (stem, kind), per_expert in experts.items():
-            n = len(per_expert)
-            if sorted(per_expert) != list(range(n)):
-                raise ValueError(f"{stem}: expert indices {sorted(per_expert)[:8]}... are not 0..{n - 1}")
-            stacked = torch.stack([per_expert[e] for e in range(n)])
-            if kind == "down_proj":
-                mapped[f"{stem}down_proj"] = stacked
-            else:  # gate/up rows of one expert are concatenated, gate first
-                mapped.setdefault(f"{stem}gate_up_proj", {})[kind] = stacked
-        for key in [k for k, v in mapped.items() if isinstance(v, dict)]:
-            parts = mapped.pop(key)
-            if set(parts) != {"gate_proj", "up_proj"}:
-                raise ValueError(f"{key}: experts need both gate_proj and up_proj, found {sorted(parts)}")
-            mapped[key] = torch.cat([parts["gate_proj"], parts["up_proj"]], dim=1)
-        if self.config.tie_word_embeddings:
-            mapped.pop("lm_head.weight", None)
-            ours = {k: v for k, v in ours.items() if k != "lm_head.weight"}
-        unexpected += [k for k in mapped if k not in ours]
-        missing = [k for k in ours if k not in mapped]
-        wrong = [f"{k}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(v.shape)}"
-                 for k, v in ours.items() if k in mapped and mapped[k].shape != v.shape]
-        problems = [(f"missing keys ({len(missing)})", missing) if strict else None,
-                    (f"unexpected keys ({len(unexpected)})", unexpected) if strict else None,
-                    (f"wrong shapes ({len(wrong)})", wrong)]
-        text = "; ".join(f"{title}: {', '.join(items[:6])}{' ...' if len(items) > 6 else ''}"
-                         for title, items in filter(None, problems) if items)
-        if text:
-            raise ValueError(f"checkpoint does not fit this model ({self.config.summary()}): {text}")
+        """Load DeepseekV3ForCausalLM names, per-expert or stacked (hf_keys.from_hf). Returns the missing keys
+        (ours) when strict=False; raises a ValueError listing missing, unexpected and mis-shaped keys otherwise."""
+        mapped, unexpected = hf_keys.from_hf(sd, self.config)
+        ours = {k: v for k, v in self.state_dict().items()
+                if not (self.config.tie_word_embeddings and k == "lm_head.weight")}
+        missing = hf_keys.fit(mapped, unexpected, {k: v.shape for k, v in ours.items()}, self.config, strict)
         for k, v in ours.items():
             if k in mapped:
                 v.copy_(mapped[k])
         return missing
-
-    def _map_hf_keys(self, sd):
-        L, D = self.config.num_hidden_layers, len(self.mtp)
-        mapped, experts, unexpected = {}, {}, []
-        for key, t in sd.items():
-            name = key[len("model."):] if key.startswith("model.") else key
-            m = re.match(r"layers\.(\d+)\.(.*)", name)
-            if m and int(m[1]) >= L:
-                k, rest = int(m[1]) - L, m[2]
-                if k >= D:
-                    unexpected.append(key)
-                    continue
-                if rest in ("embed_tokens.weight", "shared_head.head.weight"):  # copies of the shared tensors
-                    continue
-                name = f"mtp.{k}.{rest}"
-            e = re.match(r"(.*experts\.)(\d+)\.(gate_proj|up_proj|down_proj)\.weight$", name)
-            if e:
-                experts.setdefault((e[1], e[3]), {})[int(e[2])] = t
-            else:
-                mapped[name] = t
-        return mapped, experts, unexpected
 
 
 def _take(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

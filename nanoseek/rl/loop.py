@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.config import apply_overrides
-from nanoseek.cost import inference_flops_per_token, run_compute, train_flops_per_token
+from nanoseek.cost import gemm_peak, inference_flops_per_token, run_compute, train_flops_per_token
 from nanoseek.data.tasks import Problem, get_task, make_rng
 from nanoseek.hf import load_pretrained
 from nanoseek.infer.engine import Engine
@@ -35,9 +35,10 @@ from nanoseek.report import plot_rl, write_report
 from nanoseek.rl.evaluate import evaluate
 from nanoseek.rl.grpo import GRPOConfig, group_advantages, policy_loss, token_logprobs
 from nanoseek.rl.rewards import Rewards
-from nanoseek.train.checkpoint import latest_checkpoint, load_checkpoint, load_tensors, save_checkpoint
+from nanoseek.runs import latest_checkpoint
+from nanoseek.runtime import MetricsLog, resolve_device
+from nanoseek.train.checkpoint import load_checkpoint, load_tensors, save_checkpoint
 from nanoseek.train.config import flatten_table, read_toml
-from nanoseek.train.loop import MetricsLog, gemm_peak, resolve_device
 from nanoseek.train.optim import build_optimizer, lr_at
 
 REFERENCE = "reference.safetensors"

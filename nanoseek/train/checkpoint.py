@@ -4,7 +4,7 @@
         model.safetensors       weights under Hugging Face DeepseekV3 names (router biases included, fp32)
         optimizer.safetensors   AdamW moments and step counts, keyed "<param name>.<state>"
         state.json              step, data-loader position, RNG states, optimizer hyperparameters, config
-    RUN/checkpoints/latest      name of the newest complete checkpoint
+    RUN/checkpoints/latest      name of the newest complete checkpoint (the layout: nanoseek/runs.py)
 A distributed run writes dcp/ (sharded model and optimizer) instead of optimizer.safetensors (nanoseek/dist).
 
 A checkpoint is written into a temporary directory, fsynced, then renamed into place, and `latest` is
@@ -22,12 +22,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from nanoseek.runs import CheckpointError, checkpoint_dir
+
 FILES = ("model.safetensors", "optimizer.safetensors", "state.json")
 DIST_FILES = ("model.safetensors", "state.json")  # plus dcp/ (sharded model and optimizer state)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing, corrupt, or does not fit the run."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -68,9 +66,8 @@ def optimizer_tensors(model, optimizer) -> dict[str, torch.Tensor]:
 
 def staging(run_dir: Path, step: int) -> tuple[Path, Path]:
     """(temporary directory, final directory) of step_N's checkpoint; `publish` renames one to the other."""
-    root = Path(run_dir) / "checkpoints"
-    name = f"step_{step:06d}"
-    return root / f".tmp-{name}", root / name
+    final = checkpoint_dir(run_dir, step)
+    return final.with_name(f".tmp-{final.name}"), final
 
 
 def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int,
@@ -102,17 +99,6 @@ def publish(tmp: Path, final: Path, keep_last: int) -> Path:
     for old in sorted(root.glob("step_*"))[:-keep_last]:
         shutil.rmtree(old)
     return final
-
-
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    root = Path(run_dir) / "checkpoints"
-    pointer = root / "latest"
-    if not pointer.is_file():
-        return None
-    path = root / pointer.read_text().strip()
-    if not path.is_dir():
-        raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
-    return path
 
 
 def read_state(path: Path) -> dict:

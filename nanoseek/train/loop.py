@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanoseek.cost import measure_gemm_peak, run_compute, train_flops_per_token
+from nanoseek.cost import gemm_peak, run_compute, train_flops_per_token
 from nanoseek.data.builtin import ensure_builtin_data, get_mix
 from nanoseek.data.loader import TokenLoader
 from nanoseek.data.shards import ShardSet
@@ -38,29 +38,11 @@ from nanoseek.hf import load_pretrained, locate
 from nanoseek.model import Transformer
 from nanoseek.model.fp8_linear import Recipe, to_fp8
 from nanoseek.report import plot_training, read_metrics, write_report
-from nanoseek.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from nanoseek.runs import CheckpointError, latest_checkpoint
+from nanoseek.runtime import MetricsLog, resolve_device
+from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
 from nanoseek.train.config import TrainConfig
 from nanoseek.train.optim import build_optimizer, lr_at
-
-
-_PEAKS: dict[str, float] = {}
-
-
-def gemm_peak(device: str, again: bool = False) -> float:
-    """The device's measured GEMM peak (2048^3, max of 3): measured once per process, and again with `again`
-    (at the end of a run), keeping the best, so that a moment when other work shared the cores does not
-    stand for the machine (it showed as MFU > 100%)."""
-    if again or device not in _PEAKS:
-        _PEAKS[device] = max(_PEAKS.get(device, 0.0), measure_gemm_peak(sizes=(2048,), device=torch.device(device)))
-    return _PEAKS[device]
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={name!r} but no CUDA device is available")
-    return torch.device(name)
 
 
 def uses_bf16(device: torch.device, dtype: str) -> bool:
@@ -104,26 +86,6 @@ def max_violation(counts: torch.Tensor) -> list[float]:
     """MaxVio per MoE layer: max_i c_i / mean(c) - 1 (0 = perfectly balanced)."""
     c = counts.float()
     return (c.amax(dim=-1) / c.mean(dim=-1).clamp_min(1e-9) - 1).tolist()
-
-
-class MetricsLog:
-    """metrics.jsonl, one JSON object per line; on resume, records past the checkpoint are dropped."""
-
-    def __init__(self, path: Path, keep_until: int | None):
-        self.path = path
-        if keep_until is None:
-            path.write_text("")
-        elif path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= keep_until]
-            path.write_text("".join(ln + "\n" for ln in kept))
-        self.file = open(path, "a")
-
-    def write(self, record: dict) -> None:
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
 
 
 @torch.no_grad()

@@ -5,7 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanoseek.data.shards import ShardSet, is_val, iter_documents, prepare, token_dtype
+from nanoseek.data.documents import iter_documents
+from nanoseek.data.shards import ShardSet, is_val, prepare, token_dtype
 from tests.data.conftest import MIXED_TEXT, StubTokenizer, range_docs, write_jsonl
 
 

@@ -2,6 +2,8 @@ import random
 
 import pytest
 
+from nanoseek.cli import main
+from nanoseek.data.documents import iter_documents
 from nanoseek.data.tasks import TASKS
 from nanoseek.data.tokenizer import SPECIAL_TOKENS, Tokenizer, render_chat
 from tests.data.conftest import MIXED_TEXT, write_jsonl
@@ -105,7 +107,7 @@ def test_save_load_and_train_from_files(tokenizer, tmp_path):
     assert loaded.sha256 == tokenizer.sha256 and loaded.vocab_size == tokenizer.vocab_size
     assert loaded.encode(MIXED_TEXT[1]) == tokenizer.encode(MIXED_TEXT[1])
     f = write_jsonl(tmp_path / "a.jsonl", [{"body": t} for t in MIXED_TEXT * 3])
-    tok = Tokenizer.train([f], 300, tmp_path / "tok", text_field="body")
+    tok = Tokenizer.train(iter_documents(f, "body"), 300, tmp_path / "tok")
     assert (tmp_path / "tok" / "tokenizer.json").is_file() and tok.vocab_size <= 300
     assert tok.decode(tok.encode(MIXED_TEXT[2])) == MIXED_TEXT[2]
 
@@ -115,5 +117,7 @@ def test_tokenizer_errors(tmp_path):
         Tokenizer.train(iter(["x"]), 100)
     with pytest.raises(ValueError, match="no tokenizer at"):
         Tokenizer.load(tmp_path)
-    with pytest.raises(ValueError, match="no such file"):
-        Tokenizer.train([tmp_path / "missing.txt"], 300)
+    out = tmp_path / "tok"
+    args = ["tokenizer", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300", "--out", str(out)]
+    assert main(args) == 2
+    assert not out.exists()  # refused before training

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from nanoseek.train import checkpoint as ckpt_mod
-from nanoseek.train.checkpoint import CheckpointError
+from nanoseek.runs import CheckpointError
 from nanoseek.train.loop import resolve_data, run, train
 
 TIMING = {"tok_s", "mfu", "elapsed"}
@@ -155,17 +155,3 @@ def test_an_existing_run_is_never_overwritten(make_cfg):
     train(cfg, shard_dir, quiet=True)
     with pytest.raises(ValueError, match="already holds a run \\(last checkpoint step_000004\\); pass --resume"):
         train(cfg, shard_dir, quiet=True)
-
-
-def test_gemm_peak_keeps_the_best_measurement(monkeypatch):
-    """A peak measured while other work shared the cores (MFU > 100% against it) is replaced by a later, better
-    one; a worse later one does not lower it."""
-    from nanoseek.train import loop
-
-    measured = iter([50e9, 160e9, 120e9])
-    monkeypatch.setattr(loop, "measure_gemm_peak", lambda **kw: next(measured))
-    monkeypatch.setattr(loop, "_PEAKS", {})
-    assert loop.gemm_peak("cpu") == 50e9
-    assert loop.gemm_peak("cpu") == 50e9  # measured once per process...
-    assert loop.gemm_peak("cpu", again=True) == 160e9  # ...and again at the end of a run
-    assert loop.gemm_peak("cpu", again=True) == 160e9

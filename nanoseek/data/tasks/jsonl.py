@@ -10,7 +10,7 @@ from __future__ import annotations
 from fractions import Fraction
 from pathlib import Path
 
-from nanoseek.data.shards import iter_jsonl
+from nanoseek.data.documents import iter_jsonl
 from nanoseek.data.tasks import SPLITS, Problem, Task, make_rng, split_of
 
 
