@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 
 from nanoseek.rl.loop import load_grpo_config, run_grpo  # noqa: E402
 from nanoseek.demo import finished  # noqa: E402
-from nanoseek.train.checkpoint import latest_checkpoint  # noqa: E402
+from nanoseek.runs import latest_checkpoint  # noqa: E402
 
 
 def one_seed(config: str, init: str, seed: int, overrides: list[str]) -> dict:

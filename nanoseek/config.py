@@ -202,7 +202,7 @@ class ModelConfig:
         MoE layer. (The router bias is a buffer, not a parameter.)
         """
         H = self.hidden_size
-        attn = self._attn_params()
+        attn = self.attn_params()
         dense_ffn = 3 * H * self.intermediate_size
         expert = 3 * H * self.moe_intermediate_size
         moe_fixed = self.n_routed_experts * H + self.n_shared_experts * expert  # router + shared
@@ -225,7 +225,8 @@ class ModelConfig:
             mtp += block + 3 * H + 2 * H * H  # enorm, hnorm, shared_head.norm, eh_proj
         return ParamCount(total=total + rest, activated=activated + rest, embedding=embed, head=head, mtp=mtp)
 
-    def _attn_params(self) -> int:
+    def attn_params(self) -> int:
+        """Parameters of one MLA block (projections and their norms)."""
         H, nh = self.hidden_size, self.num_attention_heads
         if self.q_lora_rank:
             q = H * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * nh * self.qk_head_dim

@@ -23,9 +23,8 @@ from nanoseek.hf import load_pretrained
 from nanoseek.report import write_report
 from nanoseek.rl import loop as rl
 from nanoseek.rl.loop import heldout_eval, load_grpo_config
-from nanoseek.runs import latest_checkpoint
+from nanoseek.runs import latest_checkpoint, read_state
 from nanoseek.train import loop as pretrain
-from nanoseek.train.checkpoint import read_state
 from nanoseek.train.config import TrainConfig, load_train_config
 
 

@@ -49,7 +49,7 @@ def _block_params(cfg: ModelConfig, layer: int, ep: int) -> tuple[int, int]:
     """(parameters of layer `layer` one GPU gathers (E/ep routed experts), its routed expert parameters)."""
     H = cfg.hidden_size
     expert = 3 * H * cfg.moe_intermediate_size
-    base = cfg._attn_params() + 2 * H
+    base = cfg.attn_params() + 2 * H
     if cfg.is_moe_layer(layer):
         routed = cfg.n_routed_experts * expert
         return base + cfg.n_routed_experts * H + cfg.n_shared_experts * expert + routed // ep, routed

@@ -101,7 +101,7 @@ def test_mla_cache_bytes():
 def loop_experts(monkeypatch):
     """The per-expert loop, whose mm FLOPs FlopCounterMode counts (it has no formula for grouped_mm), and
     unpadded V in SDPA (the math kernel's bmm FLOPs are counted; the CPU flash kernel's are not)."""
-    monkeypatch.setattr(moe_module, "_grouped_mm_ok", lambda x: False)
+    monkeypatch.setattr(moe_module, "grouped_mm_ok", lambda x: False)
     monkeypatch.setattr(MLA, "pad_v", False)
 
 

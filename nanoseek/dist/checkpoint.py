@@ -31,9 +31,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 from nanoseek.dist.ep import ExpertParallel
 from nanoseek.dist.parallel import Parallel
-from nanoseek.runs import CheckpointError
-from nanoseek.train.checkpoint import (_write, load_tensors, param_groups, param_names, publish,
-                                       read_state, staging)
+from nanoseek.runs import (CheckpointError, load_tensors, param_groups, param_names, publish, read_state, staging,
+                           write_synced)
 
 
 def _expert_view(model, name: str, t: torch.Tensor, par: Parallel | None) -> torch.Tensor:
@@ -100,7 +99,7 @@ def full_weights(model, par: Parallel) -> dict[str, torch.Tensor] | None:
 
 def save(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int, par: Parallel) -> Path:
     """Write step_N (all ranks call this): DCP shards from every rank, full weights and state.json from rank 0,
-    then rank 0 publishes it atomically (train/checkpoint.py: rename, `latest`, rotation)."""
+    then rank 0 publishes it atomically (runs.py: rename, `latest`, rotation)."""
     tmp, final = staging(run_dir, step)
     if par.rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -111,10 +110,10 @@ def save(run_dir: Path, step: int, model, optimizer, state: dict, keep_last: int
     weights = full_weights(model, par)
     if par.rank == 0:
         hf = model.hf_state_dict(mtp_copies=False, state=weights)
-        _write(tmp / "model.safetensors", lambda p: save_file({k: v.contiguous() for k, v in hf.items()}, p,
+        write_synced(tmp / "model.safetensors", lambda p: save_file({k: v.contiguous() for k, v in hf.items()}, p,
                                                                metadata={"format": "pt"}))
         layout = {"world_size": par.world, "ep": par.ep, "dp": par.dp}
-        _write(tmp / "state.json", lambda p: p.write_text(json.dumps(
+        write_synced(tmp / "state.json", lambda p: p.write_text(json.dumps(
             {**state, "step": step, "param_groups": param_groups(optimizer), "layout": layout})))
         publish(tmp, final, keep_last)
     dist.barrier()

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.model.fp8 import AMAX_FLOOR, FP8_WEIGHTS, SCALE_FMTS, dequantize_blockwise, quantize_blockwise
-from nanoseek.model.moe import Experts, _grouped_mm_ok
+from nanoseek.model.moe import Experts, grouped_mm_ok
 
 BACKENDS = ("auto", "emulate", "scaled_mm")
 
@@ -191,7 +191,7 @@ def _aligned_rows(counts: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Ten
 
 def _wgrad_grouped(a: torch.Tensor, b: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
     """a (n, T), b (T, k), T grouped by counts -> (E, n, k): a_e b_e per group."""
-    if _grouped_mm_ok(a):
+    if grouped_mm_ok(a):
         return F.grouped_mm(a.contiguous(), b.contiguous(), offs=counts.cumsum(0).to(torch.int32))
     ends = counts.cumsum(0).tolist()
     return torch.stack([a[:, e - c:e] @ b[e - c:e] for e, c in zip(ends, counts.tolist())])

@@ -93,7 +93,7 @@ class Gate(nn.Module):
         return weights.mul_(self.scaling), idx, scores
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
+def grouped_mm_ok(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" or (x.is_cuda and x.dtype == torch.bfloat16)
 
 
@@ -126,7 +126,7 @@ class Experts(nn.Module):
     @staticmethod
     def _mm(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Row block j of xs (counts[j] rows) times w[j]^T."""
-        if _grouped_mm_ok(xs):
+        if grouped_mm_ok(xs):
             offs = counts.cumsum(0).to(torch.int32)
             return F.grouped_mm(xs, w.transpose(1, 2), offs=offs)
         return Experts._mm_few(xs, w, counts)

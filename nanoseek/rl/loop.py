@@ -35,9 +35,9 @@ from nanoseek.report import plot_rl, write_report
 from nanoseek.rl.evaluate import evaluate
 from nanoseek.rl.grpo import GRPOConfig, group_advantages, policy_loss, token_logprobs
 from nanoseek.rl.rewards import Rewards
-from nanoseek.runs import latest_checkpoint
+from nanoseek.runs import latest_checkpoint, load_tensors
 from nanoseek.runtime import MetricsLog, resolve_device
-from nanoseek.train.checkpoint import load_checkpoint, load_tensors, save_checkpoint
+from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
 from nanoseek.train.config import flatten_table, read_toml
 from nanoseek.train.optim import build_optimizer, lr_at
 
