@@ -447,11 +447,12 @@ def mtp_section(checkpoint: str, quick: bool, log, guard) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- profile
 def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P: int = 128) -> dict:
-    """Where one decode step (b=batch, prompt P) goes: timers around the decoding plan's parts (model/decode.py),
+    """Where one decode step (b=batch, prompt P) goes: timers around the decoding plan's parts (infer/fastpath/),
     the cache, the router, the products and sampling (each timer costs ~1 us; CPU ops are synchronous)."""
-    from nanoseek.model import decode
+    from nanoseek.infer.fastpath import Decoder
+    from nanoseek.infer.fastpath import plan as decode
     from nanoseek.model.mla import LatentCache
-    from nanoseek.model.moe import Experts, Gate
+    from nanoseek.model.moe import Gate
 
     acc = collections.defaultdict(float)
     patches = []
@@ -477,11 +478,11 @@ def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P
         patches.append((owner, name, orig))
 
     for owner, name, key in [
-            (Transformer, "forward", "forward"), (decode._Block, "attention", "attention"),
+            (Decoder, "__call__", "forward"), (decode._Block, "attention", "attention"),
             (decode, "absorbed", "attention: absorbed core"), (LatentCache, "update", "attention: cache write"),
             (LatentCache, "begin", "cache.begin (mask)"), (decode._MoE, "__call__", "moe"),
             (decode._MLP, "__call__", lambda a: "moe: shared expert" if depth["moe"] else "dense FFN (layer 0)"),
-            (Gate, "route", "moe: router"), (Experts, "forward", "moe: grouped experts (> 4 tokens)"),
+            (Gate, "route", "moe: router"), (decode, "experts_few", "moe: grouped experts (> 4 tokens)"),
             (decode, "rms_norm", "norms"), (decode, "mul_wt", "products (GEMVs) in the layers"),
             (decode, "rotate", "attention: RoPE"), (decode.Plan, "logits", "lm_head"),
             (engine_mod, "sample", "sampling")]:

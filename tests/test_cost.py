@@ -10,6 +10,7 @@ import nanoseek.model.moe as moe_module
 from nanoseek.model.mla import MLA
 from nanoseek import ModelConfig, Transformer, cost
 from nanoseek.cli import main
+from nanoseek.infer.fastpath import Decoder
 from nanoseek.config import PRESETS
 
 V3 = ModelConfig.preset("v3-671b")
@@ -140,14 +141,16 @@ def test_absorbed_decode_flops_match_counted(loop_experts):
     model, t = Transformer(cfg).eval(), 20
     ids = torch.randint(0, cfg.vocab_size, (1, t + 1))
     cache = model.new_cache(batch=1, max_len=t + 1)
+    want = cost.inference_flops_per_token(cfg, t + 1, absorbed=True).total
     with torch.no_grad():
         model(ids[:, :t], torch.arange(t)[None], cache)
-        c = counted(lambda: model(ids[:, t:], torch.tensor([[t]]), cache))
-    # the decoding plan also runs RoPE (q's h heads and k: one product with the row's d_r x d_r rotation) and the
-    # routed experts' weighted sum as matmuls; neither is a model FLOP
+        assert sum(counted(lambda: model(ids[:, t:], torch.tensor([[t]]), cache)).values()) == want
+        # the decoding plan (infer/fastpath) also runs RoPE (q's h heads and k: one product with the row's d_r x
+        # d_r rotation) and the routed experts' weighted sum as matmuls; neither is a model FLOP
+        c = counted(lambda: Decoder(model)(ids[:, t:], torch.tensor([[t]]), cache))
     L, moe, dr = cfg.num_hidden_layers, cfg.num_hidden_layers - cfg.first_k_dense_replace, cfg.qk_rope_head_dim
     plan = L * 2 * (cfg.num_attention_heads + 1) * dr * dr + moe * 2 * cfg.num_experts_per_tok * cfg.hidden_size
-    assert sum(c.values()) - plan == cost.inference_flops_per_token(cfg, t + 1, absorbed=True).total
+    assert sum(c.values()) - plan == want
 
 
 # ---------------------------------------------------------------------- runs, hardware, parsing

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from nanoseek.infer.fastpath import Decoder
 from nanoseek.infer.sampling import SamplingParams, guard, logprobs, propose, sample, verify
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
@@ -98,6 +99,7 @@ class Engine:
         if speculative and not model.mtp:
             raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
         self.model = model.eval()
+        self.forward = Decoder(self.model)  # the model, through the decoding plan where it applies (fastpath/)
         self.tokenizer = tokenizer
         self.max_batch, self.speculative, self.prefill_tokens = max_batch, speculative, prefill_tokens
         self.max_len = min(max_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -193,7 +195,7 @@ class Engine:
         lens = torch.tensor([len(r.prompt) for r in new], device=self.device)
         positions = torch.arange(S, device=self.device).expand(k, S)
         cache = self.cache.view(slice(n0, n0 + k))
-        out = self.model(ids, positions, cache, mtp=False, logits_at=(lens - 1)[:, None])
+        out = self.forward(ids, positions, cache, mtp=False, logits_at=(lens - 1)[:, None])
         params, gens = [r.params for r in new], [r.generator for r in new]
         logits = self._checked(out.logits[:, 0], new)
         first = sample(logits, params, gens)
@@ -203,7 +205,7 @@ class Engine:
         if self.speculative:  # MTP over the prompt: position i sees token i + 1 (the first new one at the end)
             nxt = torch.cat([ids[:, 1:], ids[:, :1]], dim=1)
             nxt[torch.arange(k), lens - 1] = first
-            draft = self.model.draft(out.hidden, nxt, positions, cache, (lens - 1)[:, None])[:, 0]
+            draft = self.forward.draft(out.hidden, nxt, positions, cache, (lens - 1)[:, None])[:, 0]
             drafts, q = propose(guard(draft)[0], params, gens)
         self.running.extend(new)
         self.stats["prefill_tokens"] += int(lens.sum())
@@ -238,7 +240,7 @@ class Engine:
         rows = self.running[at]
         ids = torch.tensor([[r.last] for r in rows], device=self.device)
         pos = torch.tensor([[r.pos] for r in rows], device=self.device)
-        logits = self._checked(self.model(ids, pos, self.cache.view(at), mtp=False).logits[:, 0], rows)
+        logits = self._checked(self.forward(ids, pos, self.cache.view(at), mtp=False).logits[:, 0], rows)
         toks = sample(logits, [r.params for r in rows], [r.generator for r in rows])
         lps = self._logprobs(logits, toks, rows)
         updates = []
@@ -253,12 +255,12 @@ class Engine:
         ids = torch.tensor([[r.last, r.draft] for r in rows], device=self.device)
         pos = torch.tensor([[r.pos, r.pos + 1] for r in rows], device=self.device)
         cache = self.cache.view(at)
-        out = self.model(ids, pos, cache, mtp=False)  # verify: logits at p predict p + 1, at p + 1 predict p + 2
+        out = self.forward(ids, pos, cache, mtp=False)  # verify: logits at p predict p + 1, at p + 1 predict p + 2
         l1, l2 = self._checked(out.logits[:, 0], rows), self._checked(out.logits[:, 1], rows)
         ok, t1 = verify(l1, ids[:, 1], self._draft_q(rows), params, gens)
         t2 = sample(l2, params, gens)
         nxt = torch.stack([t1, torch.where(ok, t2, t1)], dim=1)  # tokens at p + 1, p + 2 (the latter if accepted)
-        draft = self.model.draft(out.hidden, nxt, pos, cache, ok.long()[:, None])[:, 0]
+        draft = self.forward.draft(out.hidden, nxt, pos, cache, ok.long()[:, None])[:, 0]
         new_drafts, q = propose(guard(draft)[0], params, gens)
         lp1, lp2 = self._logprobs(l1, t1, rows), self._logprobs(l2, t2, rows)
         oks, t1s, t2s, ds = ok.tolist(), t1.tolist(), t2.tolist(), new_drafts.tolist()

@@ -251,14 +251,12 @@ class FP8Linear(nn.Linear):
 
 
 class FP8Experts(Experts):
-    """Routed experts whose grouped GEMMs run through `fp8_grouped_mm` (decoding's per-expert path too)."""
+    """Routed experts whose grouped GEMMs run through `fp8_grouped_mm`."""
 
     fp8: Recipe = Recipe()
 
     def _mm(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         return fp8_grouped_mm(xs, w, counts, self.fp8, parts=2 if w is self.gate_up_proj else 1)
-
-    _mm_few = _mm
 
 
 def to_fp8(model: nn.Module, recipe: Recipe = Recipe()) -> nn.Module:

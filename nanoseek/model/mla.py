@@ -8,7 +8,7 @@ Shapes: b batch, s query length, t key length, h heads, d head dims, c latent (r
 
 Two equal ways to compute it:
 - naive (training, prefill): expand the latent to per-head K and V and call SDPA.
-- absorbed (decoding, `absorbed` below, called by model/decode.py): fold W_UK into the query and W_UV after
+- absorbed (decoding, `absorbed` below, also called by infer/fastpath/plan.py): fold W_UK into the query and W_UV after
   the weighted sum, so attention runs on the latent cache directly: MQA with one KV head of key dim c + r and
   value dim c. The cache holds
   kv_norm(c_KV) and RoPE'd k_pe: c + r numbers per token per layer, nothing else.
@@ -21,7 +21,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
 
@@ -42,7 +41,6 @@ class LatentCache:
         self.layers = layers if layers is not None else [
             torch.zeros(batch, max_len, dim, dtype=dtype, device=device) for _ in range(n_layers)]
         self.positions: torch.Tensor | None = None
-        self.decoding: tuple | None = None  # (model, its decoding plan, RoPE matrices) for `positions`
 
     def view(self, rows: slice) -> LatentCache:
         """The cache of rows[start:stop], writing into this cache's buffers."""
@@ -65,7 +63,7 @@ class LatentCache:
         if lo < 0 or top > self.max_len:
             raise ValueError(f"positions must lie in [0, {self.max_len}) (the cache length); got [{lo}, {top - 1}]")
         s = positions.shape[1]
-        self.positions, self._version, self.length, self.decoding = positions, positions._version, top, None
+        self.positions, self._version, self.length = positions, positions._version, top
         self.fresh = s == top and s > 1 and bool((positions == torch.arange(s, device=positions.device)).all())
         self.mask = torch.arange(top, device=positions.device) <= positions[:, :, None]
         self.hidden = None if lo == top - 1 else ~self.mask  # None: every query sits at the last slot
@@ -96,15 +94,15 @@ class MLA(nn.Module):
         self.scale = softmax_scale(cfg)
         H, h, dqk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
         if cfg.q_lora_rank:
-            self.q_a_proj = Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = Linear(cfg.q_lora_rank, h * dqk, bias=False)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * dqk, bias=False)
         else:
-            self.q_proj = Linear(H, h * dqk, bias=False)
-        self.kv_a_proj_with_mqa = Linear(H, cfg.cache_dim, bias=False)
+            self.q_proj = nn.Linear(H, h * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.cache_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (self.d_nope + self.d_v), bias=False)
-        self.o_proj = Linear(h * self.d_v, H, bias=False)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (self.d_nope + self.d_v), bias=False)
+        self.o_proj = nn.Linear(h * self.d_v, H, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None) -> torch.Tensor:

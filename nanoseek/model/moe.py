@@ -25,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.linear import Linear, few_rows, matmul_wt
 
 
 class MLP(nn.Module):
@@ -33,9 +32,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = Linear(hidden, inter, bias=False)
-        self.up_proj = Linear(hidden, inter, bias=False)
-        self.down_proj = Linear(inter, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -115,30 +114,20 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=E)
         token = order // k
         xs = x.index_select(0, token)  # (t*k, H), grouped by expert
-        # decoding (up to ~64 rows per expert, no autograd): a loop of W x^T beats grouped_mm's x W^T
-        mm = self._mm_few if few_rows(xs, 64 * E) else self._mm
-        gate, up = mm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
+        gate, up = self._mm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
         # w * down(a) = down(w * a): weight the I-wide activation, not the H-wide output
         act = F.silu(gate) * up * weights.flatten()[order, None].to(xs.dtype)
-        out = mm(act, self.down_proj, counts)
+        out = self._mm(act, self.down_proj, counts)
         return torch.zeros_like(x).index_add_(0, token, out), counts
 
     @staticmethod
     def _mm(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Row block j of xs (counts[j] rows) times w[j]^T."""
+        """Row block j of xs (counts[j] rows) times w[j]^T: one grouped GEMM, or where the device has none (fp32
+        on CUDA) one product per expert that has rows."""
         if grouped_mm_ok(xs):
             offs = counts.cumsum(0).to(torch.int32)
             return F.grouped_mm(xs, w.transpose(1, 2), offs=offs)
-        return Experts._mm_few(xs, w, counts)
-
-    @staticmethod
-    def _mm_few(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """The same, one (W_j x_j^T)^T per expert that has rows (the weights unbound once)."""
-        outs, start, ws = [], 0, w.unbind(0)
-        for j, n in enumerate(counts.tolist()):
-            if n:
-                outs.append(matmul_wt(xs[start:start + n], ws[j]))
-                start += n
+        outs = [x_j @ w_j.T for x_j, w_j, n in zip(xs.split(counts.tolist()), w, counts.tolist()) if n]
         return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
 
 

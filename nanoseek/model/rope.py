@@ -83,11 +83,3 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
         x1, x2 = xf.chunk(2, dim=-1)
         out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
     return out.to(x.dtype)
-
-
-def rope_matrices(cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """cos, sin (n, d_r/2) -> R (n, d_r, d_r) with x @ R[i] = RoPE of x at row i's position. RoPE is linear,
-    so row j of R[i] is the rotated unit vector e_j."""
-    n, d = cos.shape[0], 2 * cos.shape[1]
-    eye = torch.eye(d, device=cos.device).expand(1, n, d, d)  # (b=1, s=n, "heads"=d, d)
-    return apply_rope(eye, cos[None], sin[None], interleave)[0]

@@ -2,8 +2,12 @@
 
     h = Embed(tokens);  h = Block_l(h) for l < L;  logits = lm_head(RMSNorm(h))     (head not tied by default)
 
+Shapes: b batch, s sequence (new tokens), H hidden size, V vocabulary, k positions picked by `logits_at`,
+L layers, D MTP depths.
+
 `forward` serves training (no cache: SDPA causal attention, MTP logits, router statistics with the
-balance loss) and inference (a `LatentCache`: per-row positions, absorbed attention for decoding).
+balance loss) and inference (a `LatentCache`: per-row positions, absorbed attention for decoding). It is the
+plain reference: the engine's decoding speed-ups are applied from outside it (nanoseek/infer/fastpath/).
 Parameter names mirror `DeepseekV3ForCausalLM` (spec section 10); model/hf_keys.py maps the two differences
 (stacked experts, MTP depth k at layer L + k - 1) for `hf_state_dict` / `load_hf_state_dict`.
 """
@@ -16,15 +20,14 @@ import torch
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model import decode, hf_keys
+from nanoseek.model import hf_keys
 from nanoseek.model.block import Block
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import Experts, Gate, MoE, RouterStats
 from nanoseek.model.cross_entropy import linear_cross_entropy
 from nanoseek.model.mtp import MTP, mtp_targets
-from nanoseek.model.linear import Linear
 from nanoseek.model.norm import RMSNorm
-from nanoseek.model.rope import rope_matrices, rope_table
+from nanoseek.model.rope import rope_table
 
 
 @dataclass
@@ -44,7 +47,7 @@ class Transformer(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         L = cfg.num_hidden_layers
@@ -83,25 +86,21 @@ class Transformer(nn.Module):
         return LatentCache(len(self.layers) + len(self.mtp), batch, max_len, self.config.cache_dim,
                            dtype or p.dtype, p.device)
 
-    def _cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """A clear error for a batch that is not (b, s) or holds ids outside the vocabulary."""
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
+        lo, hi = (int(v) for v in input_ids.aminmax())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, vocab_size={self.config.vocab_size}); got [{lo}, {hi}]")
+
+    def rope_cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin (..., d_r / 2) at positions (...), from the fp32 table of every position (YaRN included)."""
         device = self.embed_tokens.weight.device
         if self._rope is None or self._rope[0].device != device:  # fp32 tables, never cast with the model
             cos, sin = rope_table(self.config, self.config.max_position_embeddings)
             self._rope = (cos.to(device), sin.to(device))
         return self._rope[0][positions], self._rope[1][positions]  # (b, s, d_r / 2)
-
-    def _decoding(self, s: int, cache: LatentCache | None) -> tuple[decode.Plan, torch.Tensor] | None:
-        """For a cached step of s <= absorb_max_query new tokens per row (after `cache.begin`), without autograd:
-        the decoding plan and the rows' RoPE matrices (b s, d_r, d_r) (None: the modules' path)."""
-        if cache is None or cache.fresh or s > self.layers[0].self_attn.absorb_max_query or torch.is_grad_enabled():
-            return None
-        if cache.decoding is None or cache.decoding[0] is not self:  # once per step (the MTP draft reuses it)
-            plan = decode.plan_for(self)
-            if plan is None:
-                return None
-            cache.decoding = (self, plan, rope_matrices(*self._cos_sin(cache.positions.reshape(-1)),
-                                                        self.config.rope_interleave))
-        return cache.decoding[1:]
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -113,11 +112,7 @@ class Transformer(nn.Module):
         `linear_cross_entropy` without materializing the logits. logits_at (b, k): only the logits at these
         indices along s, (b, k, V) (prefill needs the last prompt position only)."""
         cfg = self.config
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq), got {tuple(input_ids.shape)}")
-        lo, hi = (int(v) for v in input_ids.aminmax())
-        if lo < 0 or hi >= cfg.vocab_size:
-            raise ValueError(f"token ids must lie in [0, vocab_size={cfg.vocab_size}); got [{lo}, {hi}]")
+        self.check_input_ids(input_ids)
         b, s = input_ids.shape
         if positions is None:
             if cache is not None:
@@ -129,13 +124,7 @@ class Transformer(nn.Module):
             cache.begin(positions)
         elif positions.shape != input_ids.shape or int(positions.max()) >= cfg.max_position_embeddings:
             raise ValueError(f"positions must have shape {tuple(input_ids.shape)} and be < max_position_embeddings")
-        decoding = self._decoding(s, cache)
-        if decoding is not None:
-            plan, rot = decoding
-            h = plan.forward(input_ids, rot, cache)
-            at = h if logits_at is None else _take(h.view(b, s, -1), logits_at).flatten(0, 1)
-            return ModelOutput(logits=plan.logits(at).view(b, -1, cfg.vocab_size), hidden=h.view(b, s, -1))
-        cos, sin = self._cos_sin(positions)
+        cos, sin = self.rope_cos_sin(positions)
         train = cache is None
         emb = self.embed_tokens(input_ids)
         h, router = emb, []
@@ -146,7 +135,7 @@ class Transformer(nn.Module):
         h = self.norm(h)
         out = ModelOutput(logits=None, hidden=h, router=router)
         if labels is None:
-            out.logits = self.lm_head(h if logits_at is None else _take(h, logits_at))
+            out.logits = self.lm_head(h if logits_at is None else gather_positions(h, logits_at))
         else:
             out.loss = linear_cross_entropy(h, self.lm_head.weight, labels)
         if train and mtp:
@@ -173,16 +162,9 @@ class Transformer(nn.Module):
         if not self.mtp:
             raise ValueError("this model has no MTP module (num_nextn_predict_layers=0) to draft with")
         cache.begin(positions)
-        decoding = self._decoding(positions.shape[1], cache)
-        if decoding is not None:  # the MTP layer's output only at logits_at (every row writes its latent)
-            (plan, rot), (b, s, H) = decoding, hidden.shape
-            keep = None if logits_at is None else (torch.arange(b, device=hidden.device)[:, None] * s
-                                                    + logits_at).flatten()
-            h = plan.draft(hidden.reshape(-1, H), self.embed_tokens(next_ids).view(-1, H), rot, cache, keep)
-            return plan.logits(h).view(b, -1, self.config.vocab_size)
-        cos, sin = self._cos_sin(positions)
+        cos, sin = self.rope_cos_sin(positions)
         h, _ = self.mtp[0](hidden, self.embed_tokens(next_ids), cos, sin, cache, balance_loss=False)
-        return self.lm_head(h if logits_at is None else _take(h, logits_at))
+        return self.lm_head(h if logits_at is None else gather_positions(h, logits_at))
 
     # ------------------------------------------------------------------ Hugging Face names (model/hf_keys.py)
     def hf_state_dict(self, mtp_copies: bool = True, state: dict[str, torch.Tensor] | None = None
@@ -204,6 +186,6 @@ class Transformer(nn.Module):
         return missing
 
 
-def _take(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_positions(h: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """h (b, s, H), index (b, k) along s -> (b, k, H)."""
     return h.gather(1, index[:, :, None].expand(-1, -1, h.shape[-1]))

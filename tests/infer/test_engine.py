@@ -106,8 +106,8 @@ def test_speculative_with_a_perfect_draft_accepts_everything():
             logits[r, 0, true_next.get(p, 0)] = 0
         return logits
 
-    model.draft = oracle
     engine = Engine(model, max_batch=1, speculative=True)
+    engine.forward.draft = oracle
     req = engine.add(PROMPTS[3], SamplingParams(max_tokens=10))
     engine.run()
     assert req.tokens == plain
@@ -208,16 +208,20 @@ def test_bad_requests_are_reported():
         Engine(tiny_model(num_nextn_predict_layers=0), speculative=True)
 
 
-def faulty(model, fault):
-    """The model with `fault(ids, positions, out)` applied after each forward (a fault injected into real runs)."""
-    forward = model.forward
+def faulty(engine, fault):
+    """The engine's forward with `fault(ids, positions, out)` applied after each call (a fault injected into
+    real runs, on the plan's path and the model's)."""
+    inner = engine.forward
 
-    def run(ids, positions=None, *a, **kw):
-        out = forward(ids, positions, *a, **kw)
-        fault(ids, positions, out)
-        return out
-    model.forward = run
-    return model
+    class Faulty:
+        draft = staticmethod(inner.draft)
+
+        def __call__(self, ids, positions, *a, **kw):
+            out = inner(ids, positions, *a, **kw)
+            fault(ids, positions, out)
+            return out
+    engine.forward = Faulty()
+    return engine
 
 
 def test_a_row_without_finite_logits_ends_alone_and_the_others_go_on():
@@ -226,9 +230,8 @@ def test_a_row_without_finite_logits_ends_alone_and_the_others_go_on():
     def nan_rows(ids, positions, out):
         if out.logits is not None:
             out.logits[(ids == poison).any(-1)] = float("nan")
-    model = faulty(tiny_model(), nan_rows)
     prompts = [PROMPTS[0], [3, poison, 4], PROMPTS[2]]
-    engine = Engine(model, max_batch=3)
+    engine = faulty(Engine(tiny_model(), max_batch=3), nan_rows)
     params = [SamplingParams(max_tokens=8), SamplingParams(max_tokens=8), SamplingParams(max_tokens=8,
                                                                                           temperature=0.8, seed=1)]
     reqs = [engine.add(p, sp) for p, sp in zip(prompts, params)]
@@ -247,9 +250,8 @@ def test_a_failing_row_is_isolated_in_prefill_and_decode(speculative):
     def raise_for(ids, positions, out):
         if (ids == poison).any() or (ids.shape[1] <= 2 and (positions == 10).any()):
             raise RuntimeError("injected fault")
-    model = faulty(tiny_model(), raise_for)
     prompts = [PROMPTS[0], [3, poison, 4], [1], PROMPTS[2]]  # PROMPTS[0] (7 tokens) decodes position 10
-    engine = Engine(model, max_batch=4, speculative=speculative)
+    engine = faulty(Engine(tiny_model(), max_batch=4, speculative=speculative), raise_for)
     reqs = [engine.add(p, SamplingParams(max_tokens=6)) for p in prompts]
     engine.run()
     assert [r.finish_reason for r in reqs] == ["error", "error", "length", "length"]

@@ -90,12 +90,12 @@ def test_begin_sets_the_step_once_per_positions():
     cache.begin(pos)
     assert cache.length == 7 and cache.hidden is not None
     assert cache.hidden[0, 0].tolist() == [False] * 6 + [True] and cache.hidden[1, 1].tolist() == [False] * 5 + [True] * 2
-    cache.decoding = "the model's plan and RoPE for this step"
+    mask = cache.mask
     cache.begin(pos)
-    assert cache.decoding is not None
+    assert cache.mask is mask
     pos.add_(0)  # in place: another step
     cache.begin(pos)
-    assert cache.decoding is None
+    assert cache.mask is not mask
     cache.begin(torch.tensor([[6], [6]]))
     assert cache.hidden is None and cache.mask.all()
 

@@ -5,7 +5,7 @@ import torch
 
 from nanoseek import ModelConfig
 from nanoseek.config import yarn_example
-from nanoseek.model.rope import apply_rope, rope_frequencies, rope_matrices, rope_table, softmax_scale
+from nanoseek.model.rope import apply_rope, rope_frequencies, rope_table, softmax_scale
 
 
 def test_v3_yarn_frequency_correction():
@@ -52,14 +52,3 @@ def test_interleaved_equals_rotate_half_after_permutation():
     a = apply_rope(x, cos[None], sin[None], interleave=True)[..., perm]
     b = apply_rope(x[..., perm], cos[None], sin[None], interleave=False)
     torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("interleave", [True, False])
-def test_rope_matrices_rotate_like_apply_rope(interleave):
-    """x @ R[i] = RoPE of x at row i's position (the decoding plan's one-product RoPE), YaRN factors included."""
-    cfg = ModelConfig.preset("tiny", rope_scaling=yarn_example(original=16))
-    cos, sin = rope_table(cfg, 64)
-    pos = torch.tensor([0, 5, 63])
-    x = torch.randn(3, 4, cfg.qk_rope_head_dim)  # (rows, heads, d_r)
-    expected = apply_rope(x[None], cos[pos][None], sin[pos][None], interleave)[0]
-    torch.testing.assert_close(x @ rope_matrices(cos[pos], sin[pos], interleave), expected)

@@ -1,18 +1,20 @@
-"""Cached steps of a few new tokens per row: absorbed MLA on the latent cache with as few ops as the math needs.
+"""The decoding plan: cached steps of a few new tokens per row, absorbed MLA on the latent cache, with as few ops
+as the math needs.
 
 A decode step at batch 1 streams every weight once (`small`: ~130 MB, ~5 ms on 2 cores) and runs a few hundred
 small ops; through the modules those cost as much again (2-15 us per eager op on CPU, ~1-2 us per module call
 or parameter lookup). `Plan` computes the same functions of the same parameters with fewer of them
 (docs/LOG.md, session 4):
-- it holds, per layer, the tensors a step reads, viewed once for the products (`linear.blocked`), so a step
+- it holds, per layer, the tensors a step reads, viewed once for the products (`gemv.blocked`), so a step
   makes no module calls and no weight views; rows stay 2-D (n = b s, H);
 - products that read the same rows share one GEMV operand (q_a / kv_a; router, shared and routed experts);
-- RoPE is one batched product with each row's rotation matrix (built once per step, `rope_matrices`);
-  RMSNorm is LayerNorm of [x, -x] (one kernel);
+- RoPE is one batched product with each row's rotation matrix (built once per step, `ops.rope_matrices`);
+  RMSNorm is LayerNorm of [x, -x] (one kernel, `ops.rms_norm`);
 - the new latents go to the cache with one index_copy_ (`LatentCache.update`);
 - each of up to 4 tokens' routed experts run directly (no sort, scatter or count), each product written
-  straight into one buffer; router statistics are not kept; the MTP draft computes its layer's output only at
-  the draft position (`keep`) and reuses its step's mask, plan and RoPE matrices (`LatentCache.decoding`).
+  straight into one buffer; more tokens group by expert (`ops.experts_few`); router statistics are not kept;
+  the MTP draft computes its layer's output only at the draft position (`keep`) and reuses its step's mask,
+  plan and RoPE matrices (decoder.py).
 The plan views the parameters' storage, so in-place updates (optimizer steps, load_state_dict) are seen;
 `Plan.valid` notices replaced parameters or modules, moved weights and a new thread count.
 """
@@ -25,29 +27,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.model.linear import Linear, blocked, each_rows_t, mul_wt, rows_t
-from nanoseek.model import norm
+from nanoseek.infer.fastpath.gemv import blocked, each_rows_t, mul_wt, rows_t
+from nanoseek.infer.fastpath.ops import experts_few, rms_norm, rotate
 from nanoseek.model.mla import absorbed, kv_b_views
 from nanoseek.model.moe import MLP, Experts, Gate, MoE
 from nanoseek.model.norm import RMSNorm
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of a few rows x (n <= 4, H) as LayerNorm of [x, -x] (mean 0, variance mean(x^2)) times the weight:
-    one fused kernel, where F.rms_norm is a composite of ~10 small ops on CPU (~0.2 ms per `nano` step); from
-    16 rows on the composite is faster again."""
-    if x.shape[0] > 4 or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return norm.rms_norm(x, weight, eps)
-    H = x.shape[-1]
-    return F.layer_norm(torch.cat([x, x.neg()], -1), (2 * H,), None, None, eps)[:, :H].mul(weight)
-
-
-def rotate(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
-    """RoPE of x (n, h, d_r) by its rows' rotation matrices rot (n, d_r, d_r) (`rope_matrices`): one batched
-    product, in fp32 (returned in x's dtype)."""
-    if x.dtype != rot.dtype:
-        return torch.bmm(x.to(rot.dtype), rot).to(x.dtype)
-    return torch.bmm(x, rot)
 
 
 # ---------------------------------------------------------------------------------------------- the plan
@@ -90,7 +74,8 @@ class _MoE:
         y = None if self.shared is None else self.shared(x, xt)
         (n, H), k = x.shape, idx.shape[1]
         if n > self.direct_rows:
-            routed = self.experts(x, idx, weights)[0]
+            routed = (experts_few([w for w, _ in self.gate_up], [w for w, _ in self.down], x, idx, weights)
+                      if x.device.type == "cpu" else self.experts(x, idx, weights)[0])
             return routed if y is None else y.add_(routed)
         # each (token, expert) pair: two GEMVs into one buffer; SwiGLU over all pairs at once, then
         # y_i = shared_i + sum_j w_ij down_j: one batched product with the routing weights
@@ -160,7 +145,7 @@ class _Block:
         return h.add_(self.ffn(x, rows_t(x)))
 
 
-_PLAIN = (Linear, RMSNorm, MLP, MoE, Gate, Experts)  # module types the plan reads (subclasses: FP8, expert parallel)
+_PLAIN = (nn.Linear, RMSNorm, MLP, MoE, Gate, Experts)  # module types the plan reads (subclasses: FP8, expert parallel)
 
 
 class Plan:

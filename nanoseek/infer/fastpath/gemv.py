@@ -1,4 +1,5 @@
-"""Linear layers with a decoding fast path on CPU (docs/LOG.md, "decoding speed").
+"""GEMV helpers: few-row products x W^T computed the way this CPU streams weights fastest (docs/LOG.md,
+"decoding speed").
 
 Decoding multiplies a few rows by each weight: memory-bound GEMVs. This MKL runs them in ways that matter:
 - x W^T (what F.linear computes) for 2-64 rows is 1.3-2x slower than the same product as W x^T on the
@@ -6,22 +7,13 @@ Decoding multiplies a few rows by each weight: memory-bound GEMVs. This MKL runs
 - one row is a single-threaded GEMV (~13 GB/s); as one `bmm` over the weight's rows cut into one block per
   intra-op thread, each thread runs a GEMV on its block and the weight streams at ~25 GB/s (2 threads).
 The right-hand operand (x^T, or its broadcast over the blocks) is built once per input by `rows_t`, so the
-products that read the same rows can share it (model/decode.py). Training (autograd on), other devices and
-many rows keep F.linear. Results equal F.linear's up to summation order.
+products that read the same rows can share it (plan.py). Results equal F.linear's up to summation order
+(tests/infer/fastpath/test_gemv.py).
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
-
-FEW_ROWS = 64  # up to this many rows, W x^T beats x W^T
-
-
-def few_rows(x: torch.Tensor, rows: int = FEW_ROWS) -> bool:
-    """Whether x (..., in) is a decoding-sized input for the fast path: CPU, no autograd, <= rows rows."""
-    return x.device.type == "cpu" and not torch.is_grad_enabled() and x.numel() <= rows * x.shape[-1]
 
 
 def rows_t(x: torch.Tensor) -> torch.Tensor:
@@ -62,17 +54,5 @@ def mul_wt(xt: torch.Tensor, w: torch.Tensor, wb: torch.Tensor | None = None,
 
 
 def matmul_wt(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x (n, in) @ w (out, in)^T on the decoding path (also the per-expert loop on GPUs without grouped_mm)."""
+    """x (n, in) @ w (out, in)^T through `mul_wt` (its operand built here)."""
     return mul_wt(rows_t(x), w)
-
-
-class Linear(nn.Linear):
-    """nn.Linear with the decoding fast path above (same parameters, same state-dict names)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not few_rows(x) or x.dtype != self.weight.dtype:
-            return F.linear(x, self.weight, self.bias)
-        y = matmul_wt(x.reshape(-1, x.shape[-1]), self.weight)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.weight.shape[0])
