@@ -58,8 +58,8 @@ def cmd_model(args) -> int:
 
 
 def cmd_cost(args) -> int:
-    """Parameters, FLOPs per token, cache bytes and the compute bill of a config or a run (nanoseek/cost.py)."""
-    from nanoseek.cost import main as cost_main
+    """Parameters, FLOPs per token, cache bytes and the compute bill of a config or a run (nanoseek/cost_report.py)."""
+    from nanoseek.cost_report import main as cost_main
 
     return cost_main(args)
 

@@ -193,47 +193,40 @@ class ModelConfig:
         return self.cache_dim * self.num_hidden_layers * bytes_per_elem
 
     # ------------------------------------------------------------------ counting
+    def block_params(self, layer: int) -> BlockParams:
+        """Parameters of decoder block `layer` (MTP blocks continue the numbering past num_hidden_layers):
+        MLA  H r_q + r_q n_h d_qk (or H n_h d_qk without q-LoRA) + H (r_kv + d_r) + r_kv n_h (d_n + d_v) + n_h d_v H
+        norms  2 H + r_q + r_kv;   MoE  router E H, shared N_s 3 H I_m, routed E 3 H I_m (K of them active);
+        dense FFN 3 H I (counted as `ffn`)."""
+        H, nh = self.hidden_size, self.num_attention_heads
+        q = (H * self.q_lora_rank + self.q_lora_rank * nh * self.qk_head_dim if self.q_lora_rank
+             else H * nh * self.qk_head_dim)
+        attention = q + H * self.cache_dim + self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim) \
+            + nh * self.v_head_dim * H
+        norms = 2 * H + (self.q_lora_rank or 0) + self.kv_lora_rank
+        if not self.is_moe_layer(layer):
+            return BlockParams(attention, norms, 0, 3 * H * self.intermediate_size, 0, 0)
+        expert = 3 * H * self.moe_intermediate_size
+        return BlockParams(attention, norms, self.n_routed_experts * H, self.n_shared_experts * expert,
+                           self.n_routed_experts * expert, self.num_experts_per_tok * expert)
+
     def num_params(self) -> ParamCount:
-        """Analytic parameter counts (nothing is allocated).
+        """Analytic parameter counts (nothing is allocated), from `block_params`.
 
         total: every parameter of the main model (embedding, L layers, final norm, head); MTP is separate.
         activated: what one token touches: everything except the routed experts it does not pick, i.e.
         embedding + head + attention + norms + dense FFNs + routers + shared experts + K routed experts per
         MoE layer. (The router bias is a buffer, not a parameter.)
         """
-        H = self.hidden_size
-        attn = self.attn_params()
-        dense_ffn = 3 * H * self.intermediate_size
-        expert = 3 * H * self.moe_intermediate_size
-        moe_fixed = self.n_routed_experts * H + self.n_shared_experts * expert  # router + shared
-        total = activated = 0
-        for i in range(self.num_hidden_layers):
-            layer = attn + 2 * H  # two RMSNorms
-            if self.is_moe_layer(i):
-                total += layer + moe_fixed + self.n_routed_experts * expert
-                activated += layer + moe_fixed + self.num_experts_per_tok * expert
-            else:
-                total += layer + dense_ffn
-                activated += layer + dense_ffn
+        H, L = self.hidden_size, self.num_hidden_layers
+        blocks = [self.block_params(i) for i in range(L)]
         embed = self.vocab_size * H
         head = 0 if self.tie_word_embeddings else self.vocab_size * H
         rest = embed + head + H
-        mtp = 0
-        for k in range(self.num_nextn_predict_layers):
-            i = self.num_hidden_layers + k
-            block = attn + 2 * H + (moe_fixed + self.n_routed_experts * expert if self.is_moe_layer(i) else dense_ffn)
-            mtp += block + 3 * H + 2 * H * H  # enorm, hnorm, shared_head.norm, eh_proj
-        return ParamCount(total=total + rest, activated=activated + rest, embedding=embed, head=head, mtp=mtp)
-
-    def attn_params(self) -> int:
-        """Parameters of one MLA block (projections and their norms)."""
-        H, nh = self.hidden_size, self.num_attention_heads
-        if self.q_lora_rank:
-            q = H * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * nh * self.qk_head_dim
-        else:
-            q = H * nh * self.qk_head_dim
-        kv = H * self.cache_dim + self.kv_lora_rank + self.kv_lora_rank * nh * (self.qk_nope_head_dim + self.v_head_dim)
-        return q + kv + nh * self.v_head_dim * H
+        # each MTP module: its block, enorm, hnorm, shared_head.norm, eh_proj
+        mtp = sum(self.block_params(L + k).total + 3 * H + 2 * H * H for k in range(self.num_nextn_predict_layers))
+        return ParamCount(total=sum(b.total for b in blocks) + rest, activated=sum(b.activated for b in blocks) + rest,
+                          embedding=embed, head=head, mtp=mtp)
 
     # ------------------------------------------------------------------ presets and conversion
     @classmethod
@@ -288,6 +281,29 @@ class ModelConfig:
                 f"{fmt_count(p.mtp)} MTP; {self.num_hidden_layers} layers "
                 f"({self.num_hidden_layers - self.first_k_dense_replace} MoE), "
                 f"{self.n_routed_experts} experts top-{self.num_experts_per_tok}")
+
+
+class BlockParams(NamedTuple):
+    """One decoder block's parameters by part (ModelConfig.block_params)."""
+    attention: int  # MLA's projection matrices
+    norms: int  # its RMSNorm weights (layer, q-LoRA and latent norms)
+    router: int  # MoE gate (E H); 0 for a dense block
+    ffn: int  # the dense FFN, or the MoE's shared experts
+    routed: int  # every routed expert
+    routed_active: int  # the K routed experts one token uses
+
+    @property
+    def total(self) -> int:
+        return self.attention + self.norms + self.router + self.ffn + self.routed
+
+    @property
+    def activated(self) -> int:
+        return self.attention + self.norms + self.router + self.ffn + self.routed_active
+
+    @property
+    def matmul_activated(self) -> int:
+        """What one token multiplies through (norms are not matmuls): the N_mm of a block."""
+        return self.attention + self.router + self.ffn + self.routed_active
 
 
 class ParamCount(NamedTuple):

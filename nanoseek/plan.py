@@ -22,7 +22,8 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from nanoseek.config import ModelConfig, fmt_count
-from nanoseek.cost import GPUS, Table, load_config
+from nanoseek.cost import GPUS
+from nanoseek.cost_report import Table, load_config
 
 GPU_MEMORY = {name: gpu.memory for name, gpu in GPUS.items() if gpu.memory}  # bytes of HBM (cost.GPUS)
 
@@ -47,13 +48,8 @@ class Plan(NamedTuple):
 
 def _block_params(cfg: ModelConfig, layer: int, ep: int) -> tuple[int, int]:
     """(parameters of layer `layer` one GPU gathers (E/ep routed experts), its routed expert parameters)."""
-    H = cfg.hidden_size
-    expert = 3 * H * cfg.moe_intermediate_size
-    base = cfg.attn_params() + 2 * H
-    if cfg.is_moe_layer(layer):
-        routed = cfg.n_routed_experts * expert
-        return base + cfg.n_routed_experts * H + cfg.n_shared_experts * expert + routed // ep, routed
-    return base + 3 * H * cfg.intermediate_size, 0
+    p = cfg.block_params(layer)
+    return p.attention + p.norms + p.router + p.ffn + p.routed // ep, p.routed
 
 
 def _activations_per_token(cfg: ModelConfig, layer: int, act_bytes: int) -> float:

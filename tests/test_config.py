@@ -32,6 +32,13 @@ def test_analytic_counts_match_allocated(name):
     unused = sum(m.experts.gate_up_proj.numel() + m.experts.down_proj.numel() for m in model.moe_layers()[
         : cfg.num_hidden_layers - cfg.first_k_dense_replace]) * (1 - cfg.num_experts_per_tok / cfg.n_routed_experts)
     assert p.activated == p.total - unused
+    for i, block in enumerate(model.layers):  # per block, and each part where the module holds it alone
+        want = cfg.block_params(i)
+        assert sum(t.numel() for t in block.parameters()) == want.total
+        assert sum(t.numel() for n, t in block.self_attn.named_parameters() if "layernorm" not in n) == want.attention
+        if cfg.is_moe_layer(i):
+            assert block.mlp.gate.weight.numel() == want.router
+            assert block.mlp.experts.gate_up_proj.numel() + block.mlp.experts.down_proj.numel() == want.routed
 
 
 def test_spec_shapes():

@@ -173,9 +173,12 @@ def test_gpu_table():
         assert ("measured" if name == "cpu" else "datasheet") in gpu.source
 
 
-def test_measure_gemm_peak():
-    peak = cost.measure_gemm_peak(sizes=(128,), repeats=2)
-    assert 1e6 < peak < 1e16
+def test_measure_gemm_peak_counts_2n3_flops_per_timed_product(monkeypatch):
+    """With a clock that advances 0.25 s per reading, every timed product takes 0.25 s: the peak is 2 n^3 / 0.25
+    for the largest n (the warm-up product is not timed)."""
+    ticks = iter(range(10_000))
+    monkeypatch.setattr(cost.time, "perf_counter", lambda: next(ticks) * 0.25)
+    assert cost.measure_gemm_peak(sizes=(64, 128), repeats=2) == 2 * 128**3 / 0.25
 
 
 def test_cpu_throughput_gives_mfu(capsys, monkeypatch):

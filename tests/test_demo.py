@@ -3,6 +3,8 @@
 import json
 
 from nanoseek.cli import main
+from nanoseek.hf import load_pretrained
+from nanoseek.rl.loop import heldout_eval, load_grpo_config
 
 
 def test_demo_runs_every_stage_and_reports(tmp_path, shard_dir, capsys):
@@ -19,7 +21,11 @@ def test_demo_runs_every_stage_and_reports(tmp_path, shard_dir, capsys):
     assert main(args) == 0
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert set(results["evals"]) == {"pretrained", "after GRPO", "SFT control"}
-    assert all(0 <= ev["pass@1"] <= 1 for ev in results["evals"].values())
+    # each reported evaluation is that of its stage's final model (the same seeded held-out evaluation again)
+    grpo_cfg = load_grpo_config(str(grpo), [])
+    for name, run in (("pretrained", "base"), ("after GRPO", "grpo"), ("SFT control", "sft")):
+        model = load_pretrained(tmp_path / run)
+        assert results["evals"][name] == heldout_eval(model.model, model.tokenizer, grpo_cfg), name
     # the control trained for (about) as many seconds as GRPO did, not for its 50 steps
     sft_state = json.loads(sorted((tmp_path / "sft" / "checkpoints").glob("step_*"))[-1].joinpath("state.json")
                            .read_text())

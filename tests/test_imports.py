@@ -16,8 +16,9 @@ ALLOWED = {
     "report": set(),
     "data": set(),  # knows no model: text, tokenizer, shards, tasks
     "model": {"config"},  # the reference forward: no training, serving, distribution, files or CLI
-    "cost": {"config"},
-    "plan": {"config", "cost"},
+    "cost": {"config"},  # the formulas
+    "cost_report": {"config", "cost"},  # their tables (`nanoseek cost`)
+    "plan": {"config", "cost", "cost_report"},
     "hf": {"config", "data", "model", "runs"},  # model folders in and out
     "dist": {"config", "model", "runs"},  # applied to a plain model from outside
     "infer": {"config", "data", "hf", "model"},  # serving knows no training, RL or distribution

@@ -25,20 +25,15 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 
 from tqdm import tqdm
 
-from nanoseek.data.tasks import Problem, Task
-from nanoseek.data.tasks.countdown import Countdown
-from nanoseek.data.tasks.countdown import evaluate as countdown_value
-from nanoseek.data.tasks.jsonl import JsonlTask
+from nanoseek.data.tasks import Problem, Task, free_form_canonical
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.rl.rewards import MAX_ANSWER_CHARS, answer_correct, parse_completion, resolve_task
@@ -84,25 +79,11 @@ def majority_vote(answers: Sequence[str | None]) -> int | None:
 
 
 def canonical_answer(answer: str | None, task: Task | None) -> str | None:
-    """The answer as it votes in maj@k, None when it does not parse for the task: integer tasks (the base
-    Task.check) "-?digits" -> str(int); countdown: an allowed expression without spaces; free-form (JSONL):
-    a number as a reduced fraction ("0.5" -> "1/2"), else the whitespace-normalized string."""
+    """The answer as it votes in maj@k (`Task.canonical`; a task-less problem's answers are free-form), None when
+    it is missing, blank, too long or does not parse for the task."""
     if answer is None or not answer.strip() or len(answer) > MAX_ANSWER_CHARS:
         return None
-    s = answer.strip()
-    if re.fullmatch(r"-?[0-9]{1,12}", s):
-        return str(int(s))
-    if isinstance(task, Countdown):
-        return re.sub(r"\s+", "", s) if len(s) <= 100 and countdown_value(s) is not None else None
-    if task is not None and not isinstance(task, JsonlTask) and type(task).check is Task.check:
-        return None  # an integer task: anything else does not parse
-    if len(s) <= 60 and re.fullmatch(r"-?[0-9]*\.?[0-9]+(/[0-9]+)?", s):
-        try:
-            f = Fraction(s)
-            return str(f.numerator) if f.denominator == 1 else f"{f.numerator}/{f.denominator}"
-        except ZeroDivisionError:
-            return None
-    return " ".join(s.split())
+    return task.canonical(answer) if task is not None else free_form_canonical(answer)
 
 
 @dataclass
@@ -267,10 +248,8 @@ def load_problems(task_names: Sequence[str], n: int, seed: int) -> tuple[list[Pr
     problems, tasks = [], []
     for name in task_names:
         task = get_task(name)
-        m = n
-        if isinstance(task, JsonlTask):
-            m = min(n, sum(task.split_of(p.prompt) == "heldout" for p in task.problems)) or n
-        problems += task.sample(m, split="heldout", seed=seed, unique=True)
+        size = task.size("heldout")  # a JSONL file's held-out problems: at most all of them
+        problems += task.sample(min(n, size) if size else n, split="heldout", seed=seed, unique=True)
         tasks.append(task)
     return problems, tasks
 

@@ -42,12 +42,10 @@ import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 
-from nanoseek.data.tasks import TASKS, Problem, Task
-from nanoseek.data.tasks.jsonl import JsonlTask
+from nanoseek.data.tasks import TASKS, Problem, Task, parse_number
 from nanoseek.data.tokenizer import END_THINK, EOS, THINK
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
@@ -105,16 +103,6 @@ def resolve_task(problem: Problem, tasks: dict[str, Task] | None = None) -> Task
 
 def _non_ascii_digit(s: str) -> bool:
     return any(c.isdigit() and not c.isascii() for c in s)
-
-
-def _number(s: str) -> Fraction | None:
-    s = s.strip()
-    if len(s) > 2 * MAX_DIGITS or not s.isascii():
-        return None
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
 
 
 def _balanced(s: str) -> bool:
@@ -189,7 +177,7 @@ def free_form_equal(answer: str, gold: str) -> bool:
     """Exact string, then number (so "42" == "42.0" and "1/2" == "0.5"), then math-verify."""
     if answer.strip() == gold.strip():
         return True
-    a, b = _number(answer), _number(gold)
+    a, b = parse_number(answer, 2 * MAX_DIGITS), parse_number(gold, 2 * MAX_DIGITS)
     if a is not None and b is not None:
         return a == b
     return math_equal(answer, gold)
@@ -202,7 +190,7 @@ def answer_correct(problem: Problem, answer: str | None, task: Task | None = Non
     task = task if task is not None else resolve_task(problem)
     if task is None:
         return free_form_equal(answer, problem.answer)
-    if isinstance(task, JsonlTask):
+    if task.free_form:
         return task.check(problem, answer) or math_equal(answer, problem.answer)
     return bool(task.check(problem, answer))
 

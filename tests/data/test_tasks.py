@@ -180,3 +180,22 @@ def test_jsonl_task_errors(tmp_path, content, match):
     (tmp_path / "t.jsonl").write_text(content)
     with pytest.raises(ValueError, match=match):
         load_jsonl_tasks(tmp_path / "t.jsonl")
+
+
+def test_parse_number_is_exact_and_bounded():
+    from fractions import Fraction
+
+    from nanoseek.data.tasks import parse_number
+
+    assert parse_number(" -0.50 ") == Fraction(-1, 2) and parse_number("3/4") == Fraction(3, 4)
+    assert parse_number("1e3") == 1000 and parse_number("1/0") is None and parse_number("seven") is None
+    assert parse_number("٧") is None  # non-ASCII digits are not numbers here
+    assert parse_number("1" * 61) is None and parse_number("1" * 40, max_chars=40) == int("1" * 40)
+
+
+def test_canonical_answers_per_task():
+    """How answers vote in maj@k: each task says what parses (integers everywhere; countdown expressions;
+    free-form numbers as reduced fractions)."""
+    add, cd = TASKS["add"], TASKS["countdown"]
+    assert add.canonical(" 007 ") == "7" and add.canonical("7.0") is None
+    assert cd.canonical("3 * (7 + 1)") == "3*(7+1)" and cd.canonical("24") == "24" and cd.canonical("3**7") is None

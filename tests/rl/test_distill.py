@@ -4,8 +4,12 @@ import pytest
 
 from nanoseek.cli import main
 from nanoseek.data.tasks import get_task
+from nanoseek.hf import load_pretrained
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
 from nanoseek.rl import distill as distill_mod
 from nanoseek.rl.distill import DistillConfig, select_verified
+from nanoseek.rl.evaluate import sample_seed
 
 
 def test_only_verified_distinct_completions_are_kept():
@@ -21,7 +25,9 @@ def test_only_verified_distinct_completions_are_kept():
 def test_distill_command_trains_a_student_on_verified_samples(tiny_run, tmp_path, monkeypatch, capsys):
     run, _ = tiny_run
 
-    def teacher(model, tok, problems, cfg, progress):  # half right, half wrong: a stand-in for a good teacher
+    # half right, half wrong: a stand-in for a good teacher (a trained one is too slow for the suite; the real
+    # sampling is tested above), so that the student's training on verified samples runs
+    def teacher(model, tok, problems, cfg, progress):
         return [[p.completion if i % 2 == 0 else "<think></think><answer>-1</answer>" for i in range(cfg.k)]
                 for p in problems]
 
@@ -41,11 +47,28 @@ def test_distill_command_trains_a_student_on_verified_samples(tiny_run, tmp_path
     assert "student report" in capsys.readouterr().out
 
 
-def test_distill_with_nothing_verified_says_so(tiny_run, tmp_path, monkeypatch, capsys):
-    run, _ = tiny_run
-    monkeypatch.setattr(distill_mod, "sample_teacher", lambda m, t, problems, cfg, p: [["nope"] * cfg.k] * len(problems))
-    assert main(["distill", f"distill.teacher={run}", f"distill.out_dir={tmp_path}", "distill.prompts=4",
-                 "--quiet"]) == 2
+def test_teacher_sampling_is_the_engines_seeded_sampling(tiny_run):
+    """The real teacher path: k completions per problem from the chat prompt, each with its own seed: what the
+    engine gives for that request alone, and the same on a second call."""
+    pre = load_pretrained(tiny_run[0])
+    problems = get_task("add").sample(3, seed=1)
+    cfg = DistillConfig(k=2, max_tokens=12, temperature=1.0)
+    out = distill_mod.sample_teacher(pre.model, pre.tokenizer, problems, cfg, progress=False)
+    assert [len(texts) for texts in out] == [2, 2, 2] and out[0][0] != out[0][1]
+    assert distill_mod.sample_teacher(pre.model, pre.tokenizer, problems, cfg, progress=False) == out
+    for p, texts in zip(problems, out):
+        for i, text in enumerate(texts):
+            engine = Engine(pre.model, pre.tokenizer)
+            r = engine.add(pre.tokenizer.apply_chat([{"role": "user", "content": p.prompt}]), SamplingParams(
+                max_tokens=12, temperature=1.0, top_p=cfg.top_p, seed=sample_seed(cfg.seed, p.prompt, i)))
+            engine.run()
+            assert r.text == text
+
+
+def test_distill_with_nothing_verified_says_so(tiny_run, tmp_path, capsys):
+    """The real teacher (a model trained for 4 steps) gets nothing right: the command says so, exit code 2."""
+    assert main(["distill", f"distill.teacher={tiny_run[0]}", f"distill.out_dir={tmp_path}", "distill.prompts=4",
+                 "distill.max_tokens=16", "--quiet"]) == 2
     assert "got none of 8 x 4 samples right" in capsys.readouterr().err
     with pytest.raises(ValueError, match="k=0 must be a positive integer"):
         DistillConfig(k=0)

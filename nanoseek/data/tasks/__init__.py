@@ -34,7 +34,9 @@ import dataclasses
 import difflib
 import hashlib
 import random
+import re
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import ClassVar
 
 from nanoseek.data.tokenizer import ASSISTANT, END_THINK, THINK, USER
@@ -84,6 +86,33 @@ class Problem:
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.completion}]
 
 
+def parse_number(s: str, max_chars: int = 60) -> Fraction | None:
+    """A plain ASCII number ("7", "-0.50", "3/4", "1e3") as an exact Fraction; None for anything else or for more
+    than max_chars characters (so no huge literal is ever parsed). The one number parser of checks, rewards
+    and votes."""
+    s = s.strip()
+    if len(s) > max_chars or not s.isascii():
+        return None
+    try:
+        return Fraction(s)
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+_INT = re.compile(r"-?[0-9]{1,12}")
+_DECIMAL_OR_FRACTION = re.compile(r"-?[0-9]*\.?[0-9]+(/[0-9]+)?")
+
+
+def free_form_canonical(answer: str) -> str:
+    """A free-form answer as it votes: a decimal or fraction as a reduced fraction ("0.50" -> "1/2"), an integer
+    as itself, anything else whitespace-normalized."""
+    s = answer.strip()
+    n = parse_number(s) if _DECIMAL_OR_FRACTION.fullmatch(s) else None
+    if n is not None:
+        return str(n.numerator) if n.denominator == 1 else f"{n.numerator}/{n.denominator}"
+    return " ".join(s.split())
+
+
 def int_answer_equal(answer: str, expected: str) -> bool:
     """True iff answer (stripped) is an integer of at most 12 digits equal to expected."""
     s = answer.strip()
@@ -107,11 +136,23 @@ class Task:
             raise ValueError(f"{self.name}: difficulty={difficulty!r} is not one of {self.levels}")
         return self._generate(rng if isinstance(rng, random.Random) else random.Random(rng), difficulty)
 
+    free_form: ClassVar[bool] = False  # answers are free text (JSONL tasks): math-verify may also accept them
+
     def check(self, problem: Problem, answer: str) -> bool:
         """Exact-answer predicate on an extracted answer string."""
         return int_answer_equal(answer, problem.answer)
 
+    def canonical(self, answer: str) -> str | None:
+        """The answer as it votes in maj@k (equal canonical forms are one answer), None when it does not parse
+        for this task: here (integer tasks) "-?digits" -> str(int) ("007" -> "7")."""
+        s = answer.strip()
+        return str(int(s)) if _INT.fullmatch(s) else None
+
     split_of = staticmethod(split_of)
+
+    def size(self, split: str) -> int | None:
+        """How many distinct problems the split holds; None: unbounded (generated)."""
+        return None
 
     def sample(self, n: int, split: str = "train", seed: int = 0, difficulty: int | None = None,
                unique: bool = False) -> list[Problem]:

@@ -103,6 +103,12 @@ class Countdown(Task):
         prompt = f"nums {' '.join(map(str, nums))} target {target}"
         return Problem(prompt, "|".join(attempts), expr, self.name, difficulty, {"nums": nums, "target": target})
 
+    def canonical(self, answer: str) -> str | None:
+        """An integer as for every task, else an allowed expression without its spaces."""
+        s = answer.strip()
+        expression = len(s) <= 100 and evaluate(s) is not None
+        return super().canonical(s) or ("".join(s.split()) if expression else None)
+
     def check(self, problem: Problem, answer: str) -> bool:
         if len(answer) > 100:
             return False

@@ -7,24 +7,14 @@ Optional fields: `reasoning` (a reference trace, for SFT documents), `difficulty
 
 from __future__ import annotations
 
-from fractions import Fraction
 from pathlib import Path
 
 from nanoseek.data.documents import iter_jsonl
-from nanoseek.data.tasks import SPLITS, Problem, Task, make_rng, split_of
-
-
-def _number(s: str) -> Fraction | None:
-    s = s.strip()
-    if len(s) > 40:
-        return None
-    try:
-        return Fraction(s)
-    except (ValueError, ZeroDivisionError):
-        return None
+from nanoseek.data.tasks import SPLITS, Problem, Task, free_form_canonical, make_rng, parse_number, split_of
 
 
 class JsonlTask(Task):
+    free_form = True
     def __init__(self, path: str | Path, problems: list[Problem], splits: list[str]):
         self.name, self.path = f"jsonl:{Path(path).stem}", Path(path)
         self.problems, self._splits = problems, splits
@@ -33,6 +23,9 @@ class JsonlTask(Task):
 
     def generate(self, rng, difficulty):
         raise ValueError(f"{self.name}: a JSONL task cannot generate problems; use sample()")
+
+    def size(self, split: str) -> int:
+        return sum(s == split for s in self._splits)
 
     def split_of(self, prompt: str) -> str:  # honours an explicit `split` field
         return self._split_by_prompt.get(prompt) or split_of(prompt)
@@ -53,8 +46,11 @@ class JsonlTask(Task):
     def check(self, problem: Problem, answer: str) -> bool:
         if answer.strip() == problem.answer.strip():
             return True
-        a, b = _number(answer), _number(problem.answer)
+        a, b = parse_number(answer, 40), parse_number(problem.answer, 40)
         return a is not None and a == b
+
+    def canonical(self, answer: str) -> str | None:
+        return super().canonical(answer) or free_form_canonical(answer)
 
 
 def load_jsonl_tasks(path: str | Path) -> JsonlTask:
