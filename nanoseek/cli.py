@@ -11,6 +11,7 @@ import os
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 import argparse  # noqa: E402
+from collections.abc import Callable  # noqa: E402
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,27 @@ from nanoseek.config import PRESETS, ModelConfig, apply_overrides, fmt_count
 from nanoseek.dist import DistError
 from nanoseek.plan import GPU_MEMORY
 
+COMMANDS: list[tuple[str, str, Callable, Callable, dict]] = []  # (name, help, flags, handler, defaults)
 
+
+def command(name: str, text: str, flags: Callable[[argparse.ArgumentParser], None] = lambda p: None, **defaults):
+    """Register `nanoseek NAME` with its help, its flags (declared beside the handler) and extra defaults."""
+    def register(handler: Callable) -> Callable:
+        COMMANDS.append((name, text, flags, handler, defaults))
+        return handler
+    return register
+
+
+def _model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("preset", choices=sorted(PRESETS))
+    p.add_argument("overrides", nargs="*", help="ModelConfig fields as key=value")
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-forward", action="store_true", help="only count (for presets too large to allocate)")
+
+
+@command("model", "build a preset, print parameter counts, time a forward pass", _model_flags)
 def cmd_model(args) -> int:
     """Build a preset (with key=value overrides), print its counts, and time a forward pass."""
     import torch
@@ -57,6 +78,25 @@ def cmd_model(args) -> int:
     return 0
 
 
+def _cost_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="ModelConfig fields as key=value (with --preset or --config)")
+    p.add_argument("--preset", help=f"one of {', '.join(sorted(PRESETS))}")
+    p.add_argument("--config", help="a Hugging Face config.json")
+    p.add_argument("--dense-params", help="a dense model of N parameters, e.g. 405e9 or 405B")
+    p.add_argument("--paper", action="store_true", help="the V3 paper's cost table, checked; Llama 3.1 405B")
+    p.add_argument("--seq-len", type=int, default=4096, help="training sequence / inference context length")
+    p.add_argument("--tokens", help="training tokens, e.g. 14.8T (K/M/B/T suffixes)")
+    p.add_argument("--gpu", help="h800 (default), h100, h200, a100, or cpu (measures a GEMM peak now)")
+    p.add_argument("--precision", help="bf16 (default on GPUs) or fp8; cpu measures fp32")
+    p.add_argument("--mfu", help="assumed model FLOPs utilization in (0, 1]")
+    p.add_argument("--tokens-per-second", help="measured throughput per device (instead of --mfu)")
+    p.add_argument("--num-gpus", type=int, default=1, help="for days of wall-clock")
+    p.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour (V3 paper: $2)")
+    p.add_argument("--gqa-groups", type=int, default=8, help="KV heads of the GQA cache compared with MLA")
+    p.add_argument("--json", action="store_true", help="the same numbers as JSON")
+
+
+@command("cost", "parameters, FLOPs/token, cache bytes, MFU, GPU-hours and dollars", _cost_flags)
 def cmd_cost(args) -> int:
     """Parameters, FLOPs per token, cache bytes and the compute bill of a config or a run (nanoseek/cost_report.py)."""
     from nanoseek.cost_report import main as cost_main
@@ -64,6 +104,20 @@ def cmd_cost(args) -> int:
     return cost_main(args)
 
 
+def _plan_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="ModelConfig fields as key=value (with --preset or --config)")
+    p.add_argument("--preset", help=f"one of {', '.join(sorted(PRESETS))}")
+    p.add_argument("--config", help="a Hugging Face config.json")
+    p.add_argument("--dp", type=int, required=True, help="data-parallel degree: GPUs, each with its own data")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree (divides --dp and the experts)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--gpu", help=f"compare with one GPU's memory: {', '.join(sorted(GPU_MEMORY))}")
+    p.add_argument("--json", action="store_true", help="the same numbers as JSON")
+
+
+@command("plan", "memory per GPU of a training job at data/expert-parallel degrees", _plan_flags,
+         dense_params=None)
 def cmd_plan(args) -> int:
     """Memory per GPU at data/expert-parallel degrees: weights, gradients, AdamW state, activations."""
     from nanoseek.plan import main as plan_main
@@ -71,6 +125,14 @@ def cmd_plan(args) -> int:
     return plan_main(args)
 
 
+def _tokenizer_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", required=True, metavar="FILE")
+    p.add_argument("--vocab-size", type=int, required=True, help="at most this many tokens")
+    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/tokenizer.json")
+    p.add_argument("--text-field", default="text", help="the .jsonl field / .parquet column with the text")
+
+
+@command("tokenizer", "train a byte-level BPE tokenizer on .txt/.jsonl/.parquet files", _tokenizer_flags)
 def cmd_tokenizer(args) -> int:
     """Train a byte-level BPE on text files and save DIR/tokenizer.json (nanoseek/data/tokenizer.py)."""
     from nanoseek.data.documents import check_input, iter_documents
@@ -86,6 +148,22 @@ def cmd_tokenizer(args) -> int:
     return 0
 
 
+def _prepare_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", nargs="+", metavar="FILE", help=".txt, .jsonl, .parquet, or hf:NAME[:SPLIT]")
+    p.add_argument("--tokenizer", metavar="DIR", help="a directory made by `nanoseek tokenizer`")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--text-field", default="text", help="the .jsonl field / .parquet column with the text")
+    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (by text hash)")
+    p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (ends at a document)")
+    p.add_argument("--workers", type=int, default=2, help="tokenizer threads")
+    p.add_argument("--seed", type=int, default=0, help="salts the val split hash (--builtin: the corpus seed)")
+    p.add_argument("--builtin", action="store_true", help="build the built-in reasoning corpus under --out")
+    p.add_argument("--vocab-size", type=int, default=2048, help="--builtin: tokenizer vocabulary bound")
+    p.add_argument("--docs", type=int, default=60000, help="--builtin: number of documents")
+    p.add_argument("--p-err", type=float, default=0.0, help="--builtin: imitation noise of add/sub traces")
+
+
+@command("prepare", "tokenize files into token shards with a validation split", _prepare_flags)
 def cmd_prepare(args) -> int:
     """Tokenize files into memory-mapped shards with a val split (nanoseek/data/shards.py), or build the
     built-in reasoning corpus with --builtin (nanoseek/data/builtin.py)."""
@@ -112,6 +190,18 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def _train_flags(p: argparse.ArgumentParser, example: str = "configs/*.toml") -> None:
+    p.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value (dotted: optim.lr=1e-3, "
+                                                "init=runs/nano, data.path=...)")
+    p.add_argument("--config", help=f"a TOML run file ({example})")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+    p.add_argument("--eval-problems", type=int, default=200, help="held-out problems to score at the end (0: off)")
+
+
+@command("sft", "supervised fine-tuning: train from init=DIR, loss on assistant turns only",
+         lambda p: _train_flags(p, "configs/sft.toml"))
+@command("train", "pretrain a model (built-in corpus by default); --resume continues a run", _train_flags)
 def cmd_train(args) -> int:
     """Pretrain or fine-tune (sft) a run, or resume one; on the built-in corpus, finish with greedy held-out
     accuracy."""
@@ -164,6 +254,15 @@ def _sampling(args):
                           top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
 
 
+def _generate_flags(p: argparse.ArgumentParser) -> None:
+    _inference_args(p)
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts", metavar="FILE", help="prompts, one per line (or .jsonl with a prompt field)")
+    p.add_argument("--raw", action="store_true", help="plain continuation, no chat template")
+    p.add_argument("--json", action="store_true", help="one JSON line per prompt")
+
+
+@command("generate", "complete prompts with a trained model", _generate_flags)
 def cmd_generate(args) -> int:
     """Complete prompts (--prompt, repeatable, or --prompts FILE: one per line or JSONL with "prompt")."""
     import json
@@ -205,6 +304,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _chat_flags(p: argparse.ArgumentParser) -> None:
+    _inference_args(p)
+
+
+@command("chat", "chat with a trained model in the terminal", _chat_flags)
 def cmd_chat(args) -> int:
     """Interactive chat with a checkpoint: reasoning shown apart from the answer."""
     from nanoseek.infer.chat import repl
@@ -214,6 +318,22 @@ def cmd_chat(args) -> int:
     return 0
 
 
+def _serve_flags(p: argparse.ArgumentParser) -> None:
+    _inference_args(p, sampling=False)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY")
+    p.add_argument("--max-concurrent", type=int, default=32, help="requests in flight; more get HTTP 429")
+    p.add_argument("--max-len", type=int, help="context (prompt + completion) in tokens (default: the model's)")
+    p.add_argument("--model-name", help="the model name clients send (default: the directory's name)")
+    p.add_argument("--request-timeout", type=float, default=600.0,
+                   help="seconds a request may take in all; past it the client gets HTTP 408")
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies get HTTP 413")
+    p.add_argument("--shutdown-grace", type=float, default=5.0,
+                   help="seconds in-flight requests get to finish after SIGTERM / Ctrl-C")
+
+
+@command("serve", "OpenAI-compatible API server and web chat (http://127.0.0.1:8000)", _serve_flags)
 def cmd_serve(args) -> int:
     """The OpenAI-compatible server and the web chat page (nanoseek/infer/server.py)."""
     from nanoseek.infer.server import ServeConfig, serve
@@ -226,6 +346,14 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def _rl_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="GRPOConfig fields as key=value (dotted: optim.lr=1e-4)")
+    p.add_argument("--config", help="a TOML run file (configs/grpo.toml)")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
+
+
+@command("rl", "GRPO with verifiable rewards from init=DIR (configs/grpo.toml)", _rl_flags)
 def cmd_rl(args) -> int:
     """GRPO with rule-based rewards from a trained policy (nanoseek/rl/loop.py)."""
     from nanoseek.rl.loop import load_grpo_config, run
@@ -237,6 +365,15 @@ def cmd_rl(args) -> int:
     return 0
 
 
+def _distill_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", help="distill.FIELD=value (teacher, k, prompts, tasks, ...) and the "
+                   "student's TrainConfig fields (preset=nano, steps=300, ...)")
+    p.add_argument("--student-config", help="a TOML run file for the student (default: TrainConfig defaults)")
+    p.add_argument("--quiet", action="store_true")
+
+
+@command("distill", "rejection sampling from a teacher, then SFT of a student on verified data",
+         _distill_flags)
 def cmd_distill(args) -> int:
     """Rejection sampling from a teacher, then SFT of a student on the verified completions."""
     from nanoseek.rl.distill import DistillConfig, distill
@@ -250,6 +387,21 @@ def cmd_distill(args) -> int:
     return 0
 
 
+def _export_flags(p: argparse.ArgumentParser, fp8: bool = True) -> None:
+    p.add_argument("checkpoint", help="a run directory, a checkpoint, or an HF model directory")
+    p.add_argument("out", help="the folder to write")
+    p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
+    if fp8:
+        p.add_argument("--fp8", action="store_true", help="V3's FP8 format: e4m3 weights + fp32 scale per "
+                       "128x128 block for the linear layers and experts (embedding, head, norms, gate kept)")
+        p.add_argument("--scale-fmt", default="fp32", choices=["fp32", "ue8m0"],
+                       help="--fp8: fp32 scales, or power-of-two scales (V3.1's ue8m0)")
+
+
+@command("import", "a DeepSeek-V3/V2 Hugging Face folder (FP8 dequantized) as a plain fp32 one",
+         lambda p: _export_flags(p, fp8=False), fp8=False, scale_fmt="fp32")
+@command("export", "a run or checkpoint as a Hugging Face folder (transformers loads it)", _export_flags,
+         fp8=False, scale_fmt="fp32")
 def cmd_export(args) -> int:
     """A run, checkpoint or DeepSeek folder (FP8 dequantized) as a plain Hugging Face folder, or with --fp8 in
     V3's FP8 format (nanoseek/hf.py)."""
@@ -262,6 +414,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def _demo_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pretrain-config", default="configs/nano.toml")
+    p.add_argument("--grpo-config", default="configs/grpo.toml")
+    p.add_argument("--sft-config", default="configs/sft.toml")
+    p.add_argument("--out", default="runs/demo", help="where the demo report goes")
+    p.add_argument("--quiet", action="store_true")
+
+
+@command("demo", "the R1 story on the built-in data: pretrain, GRPO, SFT control, report", _demo_flags)
 def cmd_demo(args) -> int:
     """Pretrain, GRPO, an SFT control, evaluation and a report (nanoseek/demo.py)."""
     from nanoseek.demo import main as demo_main
@@ -269,6 +430,21 @@ def cmd_demo(args) -> int:
     return demo_main(args)
 
 
+def _eval_flags(p: argparse.ArgumentParser) -> None:
+    _inference_args(p, sampling=False)
+    p.add_argument("--task", action="append", default=[],
+                   help="a task name or a .jsonl task file (repeatable; default: the built-in held-out mix)")
+    p.add_argument("--n", type=int, default=200, help="held-out problems (per task with --task)")
+    p.add_argument("--k", type=int, default=8, help="samples per problem for pass@1, maj@k, pass@k (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--seed", type=int, default=0, help="problem draw and sample seeds")
+    p.add_argument("--out", metavar="FILE.json", help="write the JSON report here")
+
+
+@command("eval", "held-out evaluation: greedy, pass@1 ± se, maj@k, pass@k, format, length", _eval_flags,
+         max_batch=64)
 def cmd_eval(args) -> int:
     """Held-out evaluation: greedy, pass@1 ± se over k samples, maj@k, pass@k (nanoseek/rl/evaluate.py)."""
     from nanoseek.rl.evaluate import main as eval_main
@@ -292,143 +468,13 @@ def _inference_args(p, sampling: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """One subparser per registered command, in the order the handlers are defined above."""
     parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("model", help="build a preset, print parameter counts, time a forward pass")
-    p.add_argument("preset", choices=sorted(PRESETS))
-    p.add_argument("overrides", nargs="*", help="ModelConfig fields as key=value")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--no-forward", action="store_true", help="only count (for presets too large to allocate)")
-    p.set_defaults(func=cmd_model)
-    for name, text, example in (
-            ("train", "pretrain a model (built-in corpus by default); --resume continues a run", "configs/*.toml"),
-            ("sft", "supervised fine-tuning: train from init=DIR, loss on assistant turns only", "configs/sft.toml")):
+    for name, text, flags, handler, defaults in COMMANDS:
         p = sub.add_parser(name, help=text)
-        p.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value (dotted: optim.lr=1e-3, "
-                                                    "init=runs/nano, data.path=...)")
-        p.add_argument("--config", help=f"a TOML run file ({example})")
-        p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-        p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-        p.add_argument("--eval-problems", type=int, default=200,
-                       help="held-out problems to score at the end (0: off)")
-        p.set_defaults(func=cmd_train)
-    p = sub.add_parser("cost", help="parameters, FLOPs/token, cache bytes, MFU, GPU-hours and dollars")
-    p.add_argument("overrides", nargs="*", help="ModelConfig fields as key=value (with --preset or --config)")
-    p.add_argument("--preset", help=f"one of {', '.join(sorted(PRESETS))}")
-    p.add_argument("--config", help="a Hugging Face config.json")
-    p.add_argument("--dense-params", help="a dense model of N parameters, e.g. 405e9 or 405B")
-    p.add_argument("--paper", action="store_true", help="the V3 paper's cost table, checked; Llama 3.1 405B")
-    p.add_argument("--seq-len", type=int, default=4096, help="training sequence / inference context length")
-    p.add_argument("--tokens", help="training tokens, e.g. 14.8T (K/M/B/T suffixes)")
-    p.add_argument("--gpu", help="h800 (default), h100, h200, a100, or cpu (measures a GEMM peak now)")
-    p.add_argument("--precision", help="bf16 (default on GPUs) or fp8; cpu measures fp32")
-    p.add_argument("--mfu", help="assumed model FLOPs utilization in (0, 1]")
-    p.add_argument("--tokens-per-second", help="measured throughput per device (instead of --mfu)")
-    p.add_argument("--num-gpus", type=int, default=1, help="for days of wall-clock")
-    p.add_argument("--price", type=float, default=2.0, help="dollars per GPU-hour (V3 paper: $2)")
-    p.add_argument("--gqa-groups", type=int, default=8, help="KV heads of the GQA cache compared with MLA")
-    p.add_argument("--json", action="store_true", help="the same numbers as JSON")
-    p.set_defaults(func=cmd_cost)
-    p = sub.add_parser("plan", help="memory per GPU of a training job at data/expert-parallel degrees")
-    p.add_argument("overrides", nargs="*", help="ModelConfig fields as key=value (with --preset or --config)")
-    p.add_argument("--preset", help=f"one of {', '.join(sorted(PRESETS))}")
-    p.add_argument("--config", help="a Hugging Face config.json")
-    p.add_argument("--dp", type=int, required=True, help="data-parallel degree: GPUs, each with its own data")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel degree (divides --dp and the experts)")
-    p.add_argument("--micro-batch", type=int, default=1, help="sequences per GPU per forward")
-    p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--gpu", help=f"compare with one GPU's memory: {', '.join(sorted(GPU_MEMORY))}")
-    p.add_argument("--json", action="store_true", help="the same numbers as JSON")
-    p.set_defaults(func=cmd_plan, dense_params=None)
-    p = sub.add_parser("tokenizer", help="train a byte-level BPE tokenizer on .txt/.jsonl/.parquet files")
-    p.add_argument("--input", nargs="+", required=True, metavar="FILE")
-    p.add_argument("--vocab-size", type=int, required=True, help="at most this many tokens")
-    p.add_argument("--out", required=True, metavar="DIR", help="writes DIR/tokenizer.json")
-    p.add_argument("--text-field", default="text", help="the .jsonl field / .parquet column with the text")
-    p.set_defaults(func=cmd_tokenizer)
-    p = sub.add_parser("prepare", help="tokenize files into token shards with a validation split")
-    p.add_argument("--input", nargs="+", metavar="FILE", help=".txt, .jsonl, .parquet, or hf:NAME[:SPLIT]")
-    p.add_argument("--tokenizer", metavar="DIR", help="a directory made by `nanoseek tokenizer`")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--text-field", default="text", help="the .jsonl field / .parquet column with the text")
-    p.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (by text hash)")
-    p.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard (ends at a document)")
-    p.add_argument("--workers", type=int, default=2, help="tokenizer threads")
-    p.add_argument("--seed", type=int, default=0, help="salts the val split hash (--builtin: the corpus seed)")
-    p.add_argument("--builtin", action="store_true", help="build the built-in reasoning corpus under --out")
-    p.add_argument("--vocab-size", type=int, default=2048, help="--builtin: tokenizer vocabulary bound")
-    p.add_argument("--docs", type=int, default=60000, help="--builtin: number of documents")
-    p.add_argument("--p-err", type=float, default=0.0, help="--builtin: imitation noise of add/sub traces")
-    p.set_defaults(func=cmd_prepare)
-    p = sub.add_parser("generate", help="complete prompts with a trained model")
-    _inference_args(p)
-    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts", metavar="FILE", help="prompts, one per line (or .jsonl with a prompt field)")
-    p.add_argument("--raw", action="store_true", help="plain continuation, no chat template")
-    p.add_argument("--json", action="store_true", help="one JSON line per prompt")
-    p.set_defaults(func=cmd_generate)
-    p = sub.add_parser("chat", help="chat with a trained model in the terminal")
-    _inference_args(p)
-    p.set_defaults(func=cmd_chat)
-    p = sub.add_parser("serve", help="OpenAI-compatible API server and web chat (http://127.0.0.1:8000)")
-    _inference_args(p, sampling=False)
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require Authorization: Bearer KEY")
-    p.add_argument("--max-concurrent", type=int, default=32, help="requests in flight; more get HTTP 429")
-    p.add_argument("--max-len", type=int, help="context (prompt + completion) in tokens (default: the model's)")
-    p.add_argument("--model-name", help="the model name clients send (default: the directory's name)")
-    p.add_argument("--request-timeout", type=float, default=600.0,
-                   help="seconds a request may take in all; past it the client gets HTTP 408")
-    p.add_argument("--max-body-mb", type=float, default=8.0, help="larger request bodies get HTTP 413")
-    p.add_argument("--shutdown-grace", type=float, default=5.0,
-                   help="seconds in-flight requests get to finish after SIGTERM / Ctrl-C")
-    p.set_defaults(func=cmd_serve)
-    p = sub.add_parser("rl", help="GRPO with verifiable rewards from init=DIR (configs/grpo.toml)")
-    p.add_argument("overrides", nargs="*", help="GRPOConfig fields as key=value (dotted: optim.lr=1e-4)")
-    p.add_argument("--config", help="a TOML run file (configs/grpo.toml)")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--quiet", action="store_true", help="no progress bar or log lines")
-    p.set_defaults(func=cmd_rl)
-    p = sub.add_parser("distill", help="rejection sampling from a teacher, then SFT of a student on verified data")
-    p.add_argument("overrides", nargs="*", help="distill.FIELD=value (teacher, k, prompts, tasks, ...) and the "
-                   "student's TrainConfig fields (preset=nano, steps=300, ...)")
-    p.add_argument("--student-config", help="a TOML run file for the student (default: TrainConfig defaults)")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_distill)
-    for name, text in (("export", "a run or checkpoint as a Hugging Face folder (transformers loads it)"),
-                       ("import", "a DeepSeek-V3/V2 Hugging Face folder (FP8 dequantized) as a plain fp32 one")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("checkpoint", help="a run directory, a checkpoint, or an HF model directory")
-        p.add_argument("out", help="the folder to write")
-        p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
-        if name == "export":
-            p.add_argument("--fp8", action="store_true", help="V3's FP8 format: e4m3 weights + fp32 scale per "
-                           "128x128 block for the linear layers and experts (embedding, head, norms, gate kept)")
-            p.add_argument("--scale-fmt", default="fp32", choices=["fp32", "ue8m0"],
-                           help="--fp8: fp32 scales, or power-of-two scales (V3.1's ue8m0)")
-        p.set_defaults(func=cmd_export, fp8=False, scale_fmt="fp32")
-    p = sub.add_parser("demo", help="the R1 story on the built-in data: pretrain, GRPO, SFT control, report")
-    p.add_argument("--pretrain-config", default="configs/nano.toml")
-    p.add_argument("--grpo-config", default="configs/grpo.toml")
-    p.add_argument("--sft-config", default="configs/sft.toml")
-    p.add_argument("--out", default="runs/demo", help="where the demo report goes")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_demo)
-    p = sub.add_parser("eval", help="held-out evaluation: greedy, pass@1 ± se, maj@k, pass@k, format, length")
-    _inference_args(p, sampling=False)
-    p.add_argument("--task", action="append", default=[],
-                   help="a task name or a .jsonl task file (repeatable; default: the built-in held-out mix)")
-    p.add_argument("--n", type=int, default=200, help="held-out problems (per task with --task)")
-    p.add_argument("--k", type=int, default=8, help="samples per problem for pass@1, maj@k, pass@k (0: greedy only)")
-    p.add_argument("--temperature", type=float, default=0.6)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--max-tokens", type=int, default=96)
-    p.add_argument("--seed", type=int, default=0, help="problem draw and sample seeds")
-    p.add_argument("--out", metavar="FILE.json", help="write the JSON report here")
-    p.set_defaults(func=cmd_eval, max_batch=64)
+        flags(p)
+        p.set_defaults(func=handler, **defaults)
     return parser
 
 
