@@ -32,8 +32,8 @@ Method (prompts are random ids in the vocab, all rows of a batch the same length
   second choice instead of its first, output unchanged) to bring the acceptance down towards 0.8, 0.7, 0.65
   and 0.6 (b=1; b=16: the lowest). Also `small` random init at b=1, P=128 (acceptance ~0: the cost of a
   useless draft).
-- where the time goes: module hooks and wrappers around a b=1, P=128 decode step (`--profile` adds the
-  torch.profiler op table and the same breakdown at b=16).
+- where the time goes (bench/decode_profile.py): timers around the parts of a b=1, P=128 decode step
+  (`--profile` adds the torch.profiler op table and the same breakdown at b=16).
 Timings on a shared 2-vCPU host are noisy (+-10-15 %), and a process of someone else at full load on one core makes
 2-thread OpenMP runs up to ~30x slower. Each timed section records the cores other processes used meanwhile
 (/proc/stat minus this process's CPU time); with `--wait-idle S` the script waits (up to S s) for an idle machine
@@ -43,7 +43,6 @@ before each section and repeats a disturbed one (> 0.25 cores elsewhere), up to 
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import gc
 import json
@@ -59,9 +58,11 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cost import measure_gemm_peak
-from nanoseek.infer import engine as engine_mod
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+
+from decode_profile import profile_decode  # noqa: E402  (bench/ is on the path of a bench script)
+from hostload import Guard, bandwidth_gbs, cpu_busy_s, own_cpu_s, wait_idle  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,65 +102,6 @@ def build_hf(cfg: ModelConfig, ours: Transformer | None):
 
 def hf_experts_impl(model) -> str:
     return str(getattr(model.config, "_experts_implementation", None) or "default")
-
-
-# ---------------------------------------------------------------------------------------------- load
-def _cpu_busy_s() -> float:
-    """Busy CPU seconds of the whole machine so far (/proc/stat: all but idle and iowait)."""
-    try:
-        f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
-    except OSError:
-        return float("nan")
-    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
-
-
-def _own_cpu_s() -> float:
-    t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
-
-
-def other_load(seconds: float = 2.0) -> float:
-    """Cores kept busy by other processes over a short idle wait."""
-    b0, o0, t0 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
-    time.sleep(seconds)
-    return max(0.0, (_cpu_busy_s() - b0) - (_own_cpu_s() - o0)) / (time.perf_counter() - t0)
-
-
-def wait_idle(limit_s: float, log) -> float:
-    """Wait (up to limit_s) until other processes use < 0.15 cores; return the last reading."""
-    t0, said = time.perf_counter(), -1e9
-    busy = other_load()
-    while busy >= 0.15 and time.perf_counter() - t0 < limit_s:
-        if time.perf_counter() - said > 60:
-            log(f"  other processes keep {busy:.2f} cores busy; waiting (up to {limit_s:.0f} s) ...")
-            said = time.perf_counter()
-        time.sleep(5)
-        busy = other_load()
-    return busy
-
-
-class Guard:
-    """Runs a timed section and measures the cores other processes used meanwhile. With wait_s > 0 it first
-    waits for an idle machine and redoes a section that was disturbed (> 0.25 cores elsewhere), up to twice."""
-
-    def __init__(self, wait_s: float, log):
-        self.wait_s, self.log, self.record = wait_s, log, {}
-
-    def __call__(self, label: str, fn):
-        for attempt in range(3):
-            if self.wait_s:
-                wait_idle(self.wait_s, self.log)
-            b0, o0, t0 = _cpu_busy_s(), _own_cpu_s(), time.perf_counter()
-            out = fn()
-            other = max(0.0, (_cpu_busy_s() - b0) - (_own_cpu_s() - o0)) / (time.perf_counter() - t0)
-            self.record[label] = other
-            if other <= 0.25 or not self.wait_s or attempt == 2:
-                if other > 0.25:
-                    self.log(f"  ({label}: other processes kept {other:.2f} cores busy: disturbed)")
-                return out
-            self.log(f"  ({label}: other processes kept {other:.2f} cores busy; measuring again)")
-
-
 
 
 # ---------------------------------------------------------------------------------------------- timing
@@ -326,9 +268,8 @@ def memory_child(kind: str, b: int, P: int, n: int) -> None:
 
 
 def memory(kind: str, b: int, P: int, n: int) -> dict:
-    code = (f"import runpy, sys; sys.argv = ['decode.py', '--memory-child', {kind!r}, '--mem-shape', "
-            f"'{b},{P},{n}', '--threads', '{torch.get_num_threads()}']; runpy.run_path({__file__!r}, run_name='__main__')")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, __file__, "--memory-child", kind, "--mem-shape", f"{b},{P},{n}",
+                          "--threads", str(torch.get_num_threads())], capture_output=True, text=True)
     if out.returncode != 0:
         raise RuntimeError(f"memory subprocess ({kind}) failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -445,121 +386,6 @@ def mtp_section(checkpoint: str, quick: bool, log, guard) -> dict | None:
                 bs16=guard("mtp b16", lambda: spec_compare(model, prompts[:n16], 16, reps, 96, tok, spoil[:1] + spoil[1:][-1:])))
 
 
-# ---------------------------------------------------------------------------------------------- profile
-def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P: int = 128) -> dict:
-    """Where one decode step (b=batch, prompt P) goes: timers around the decoding plan's parts (infer/fastpath/),
-    the cache, the router, the products and sampling (each timer costs ~1 us; CPU ops are synchronous)."""
-    from nanoseek.infer.fastpath import Decoder
-    from nanoseek.infer.fastpath import plan as decode
-    from nanoseek.model.mla import LatentCache
-    from nanoseek.model.moe import Gate
-
-    acc = collections.defaultdict(float)
-    patches = []
-    depth = collections.Counter()
-
-    def timed(key, fn):
-        @functools.wraps(fn)
-        def wrapper(*a, **k):  # only the outermost call of a key counts (one wrapped method may call another)
-            name = key(a) if callable(key) else key
-            depth[name] += 1
-            t0 = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                depth[name] -= 1
-                if not depth[name]:
-                    acc[name] += time.perf_counter() - t0
-        return wrapper
-
-    def patch(owner, name, key):
-        orig = owner.__dict__[name] if isinstance(owner, type) else getattr(owner, name)
-        setattr(owner, name, timed(key, orig))
-        patches.append((owner, name, orig))
-
-    for owner, name, key in [
-            (Decoder, "__call__", "forward"), (decode._Block, "attention", "attention"),
-            (decode, "absorbed", "attention: absorbed core"), (LatentCache, "update", "attention: cache write"),
-            (LatentCache, "begin", "cache.begin (mask)"), (decode._MoE, "__call__", "moe"),
-            (decode._MLP, "__call__", lambda a: "moe: shared expert" if depth["moe"] else "dense FFN (layer 0)"),
-            (Gate, "route", "moe: router"), (decode, "experts_few", "moe: grouped experts (> 4 tokens)"),
-            (decode, "rms_norm", "norms"), (decode, "mul_wt", "products (GEMVs) in the layers"),
-            (decode, "rotate", "attention: RoPE"), (decode.Plan, "logits", "lm_head"),
-            (engine_mod, "sample", "sampling")]:
-        patch(owner, name, key)
-    decode._PLANS.pop(ours, None)  # the plan binds Gate.route when it is built: rebuild it with the timer
-    try:
-        engine = Engine(ours, max_batch=batch, max_len=P + steps + 16, prefill_tokens=batch * P)
-        prompts = torch.randint(0, cfg.vocab_size, (batch, P), generator=torch.Generator().manual_seed(4)).tolist()
-        for prompt in prompts:
-            engine.add(prompt, SamplingParams(max_tokens=steps + 8))
-        for _ in range(6):  # prefill + warm-up decode steps
-            engine.step()
-        acc.clear()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            engine.step()
-        step_s = (time.perf_counter() - t0) / steps
-        per = {k: v / steps * 1e3 for k, v in acc.items()}
-    finally:
-        for owner, name, orig in patches:
-            setattr(owner, name, orig)
-        decode._PLANS.pop(ours, None)
-    step_ms = step_s * 1e3
-    fwd, attn, moe = per.get("forward", 0), per.get("attention", 0), per.get("moe", 0)
-    parts = collections.OrderedDict()
-    parts["attention: projections, norms, residual"] = attn - sum(per.get(k, 0) for k in (
-        "attention: absorbed core", "attention: cache write", "attention: RoPE"))
-    for k in ("attention: RoPE", "attention: cache write", "attention: absorbed core", "moe: router",
-              "moe: shared expert", "moe: grouped experts (> 4 tokens)"):
-        parts[k] = per.get(k, 0)
-    parts["moe: router GEMV, direct experts, combine"] = moe - sum(per.get(k, 0) for k in (
-        "moe: router", "moe: shared expert", "moe: grouped experts (> 4 tokens)"))
-    parts["dense FFN (layer 0)"] = per.get("dense FFN (layer 0)", 0)
-    parts["lm_head"] = per.get("lm_head", 0)
-    parts["cache.begin (mask)"] = per.get("cache.begin (mask)", 0)
-    parts["forward: rest (checks, RoPE matrices, embedding, norms between)"] = fwd - sum(
-        per.get(k, 0) for k in ("attention", "moe", "dense FFN (layer 0)", "lm_head", "cache.begin (mask)"))
-    parts["sampling"] = per.get("sampling", 0)
-    parts["engine: rest (ids/pos tensors, emit, retire)"] = step_ms - fwd - per.get("sampling", 0)
-    parts["(of the above: products in the layers, mul_wt)"] = per.get("products (GEMVs) in the layers", 0)
-    parts["(of the above: RMSNorm calls)"] = per.get("norms", 0)
-    log(f"\nWhere a nanoseek decode step goes (b={batch}, P={P}, {steps} steps, {step_ms:.2f} ms/step with timers):")
-    log(f"| {'part':<52} | {'ms/step':>8} | {'share':>6} |")
-    log(f"|{'-' * 54}|{'-' * 10}|{'-' * 8}|")
-    for k, v in parts.items():
-        log(f"| {k:<52} | {v:>8.2f} | {v / step_ms:>6.1%} |")
-    result = dict(step_ms=step_ms, parts=dict(parts))
-    if op_table:
-        from torch.profiler import ProfilerActivity, profile
-
-        engine = Engine(ours, max_batch=batch, max_len=P + steps + 16, prefill_tokens=batch * P)
-        for prompt in prompts:
-            engine.add(prompt, SamplingParams(max_tokens=steps + 8))
-        for _ in range(6):
-            engine.step()
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            for _ in range(steps):
-                engine.step()
-        log(prof.key_averages(group_by_input_shape=True).table(sort_by="self_cpu_time_total", row_limit=20,
-                                                               max_name_column_width=28,
-                                                               max_shapes_column_width=60))
-        events = prof.key_averages()
-        result["aten_calls_per_step"] = sum(e.count for e in events if e.key.startswith("aten::")) / steps
-    return result
-
-
-def bandwidth_gbs() -> float:
-    """Read bandwidth: the best of a few sums over a 256 MiB buffer (filled, so its pages are mapped)."""
-    x = torch.ones(64 * 1024 * 1024)
-    best = float("inf")
-    for _ in range(4):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
-
-
 # ---------------------------------------------------------------------------------------------- report
 def code_version() -> str:
     """git describe of the checkout (with -dirty: the engine may carry uncommitted changes)."""
@@ -596,7 +422,7 @@ def main():
 
     log = functools.partial(print, flush=True)
     busy0 = wait_idle(args.wait_idle, log)
-    t_all, cpu0, own0 = time.perf_counter(), _cpu_busy_s(), _own_cpu_s()
+    t_all, cpu0, own0 = time.perf_counter(), cpu_busy_s(), own_cpu_s()
     results: dict = dict(argv=sys.argv[1:], quick=args.quick, other_cores_busy_at_start=busy0)
     cfg = small_config()
     import transformers
@@ -756,7 +582,7 @@ def main():
     results["flags"] = flags
     results["other_cores_busy_per_section"] = guard.record
     results["wall_s"] = wall = time.perf_counter() - t_all
-    other = max(0.0, (_cpu_busy_s() - cpu0) - (_own_cpu_s() - own0)) / wall
+    other = max(0.0, (cpu_busy_s() - cpu0) - (own_cpu_s() - own0)) / wall
     results["other_cores_busy_during_run"] = other
     worst = max(guard.record.items(), key=lambda kv: kv[1], default=("-", 0.0))
     log(f"\ntotal {wall:.0f} s (waits included); other processes kept {other:.2f} cores busy on average, at most "
