@@ -348,11 +348,14 @@ class Engine:
         self.stats["tokens"] += len(kept)
         text = ""
         if r.stream is not None:
-            text = r.stream.push(kept)
-            if r.stream.stopped:
-                r.finish_reason = "stop"
-            elif r.done:
-                text += r.stream.finish()
+            try:  # detokenizing is this request's own work: a failure there ends it alone (its row stays consistent)
+                text = r.stream.push(kept)
+                if r.stream.stopped:
+                    r.finish_reason = "stop"
+                elif r.done:
+                    text += r.stream.finish()
+            except Exception as e:  # noqa: BLE001
+                return self._fail(r, e)
         return Update(r, kept, text, kept_lps)
 
     def abort_all(self) -> list[Request]:

@@ -12,6 +12,7 @@ required but for assistant turns), it does, so schema-driven clients and fuzzers
 
 from __future__ import annotations
 
+import logging
 import reprlib
 from typing import Annotated, Literal
 
@@ -22,6 +23,7 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 
 Stop = Annotated[str, Field(min_length=1)]  # a stop string
+log = logging.getLogger(__name__)
 MAX_LOGPROBS = 20  # top alternatives per token (OpenAI: 20 for chat, 5 for completions; vLLM: 20)
 INT64 = 2**63
 
@@ -72,6 +74,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(_, e: HTTPException):  # unknown path (404), wrong method (405), body too large (413)
         return APIError(e.status_code, str(e.detail)).response()
+
+    @app.exception_handler(Exception)
+    async def server_error(_, e: Exception):  # a bug: logged, answered in OpenAI's shape
+        log.exception("unhandled error in a request", exc_info=e)
+        return APIError(500, f"internal error: {type(e).__name__}: {e}", code="internal_error").response()
 
 
 def unsupported(field: str, why: str) -> APIError:

@@ -163,7 +163,7 @@ class EngineThread:
             for prompt, p in zip(prompts, params):
                 added.append(self.engine.add(prompt, p))
             result = added
-        except ValueError as e:
+        except Exception as e:  # noqa: BLE001 (a ValueError is the request's fault; anything else goes back too)
             for r in added:
                 r.cancelled = True
             result = e

@@ -279,3 +279,21 @@ def test_logprobs_are_the_full_forwards():
     assert r.logprobs[0][1] == top.indices.tolist()
     torch.testing.assert_close(torch.tensor(r.logprobs[0][2]), top.values, atol=1e-4, rtol=0)
     assert all(len(x[1]) == 2 for x in r.prompt_logprobs[1:])
+
+
+def test_a_request_whose_text_cannot_be_decoded_ends_alone(monkeypatch):
+    """Detokenizing fails for one request (a broken tokenizer piece): that request ends with "error", the rows
+    stay as they were, the others finish as alone."""
+    from nanoseek.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.train(iter(["The quick brown fox jumps over the lazy dog."] * 20), vocab_size=300)
+    model = tiny_model(vocab_size=tok.vocab_size)
+    engine = Engine(model, tok, max_batch=3)
+    reqs = [engine.add(p, SamplingParams(max_tokens=6)) for p in ([5, 6, 7], [8, 9], [10, 11, 12, 13])]
+    push = reqs[1].stream.push
+    monkeypatch.setattr(reqs[1].stream, "push", lambda ids, final=False: push(ids, final) if len(
+        reqs[1].tokens) < 3 else 1 / 0)
+    engine.run()
+    assert reqs[1].finish_reason == "error" and "ZeroDivisionError" in reqs[1].error
+    for r, p in ((reqs[0], [5, 6, 7]), (reqs[2], [10, 11, 12, 13])):
+        assert r.tokens == generate(model, [p], SamplingParams(max_tokens=6))[0]

@@ -238,3 +238,15 @@ def test_a_dead_engine_thread_shows_in_health_and_ends_every_request(tokenizer, 
         assert health.status_code == 503 and health.json()["status"] == "dead" and health.json()["in_flight"] == 0
         r = post(url, "completions", {"model": NAME, "prompt": "a", "max_tokens": 3})
         assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+
+
+def test_an_unexpected_error_is_a_500_in_openais_shape_and_the_server_goes_on(tokenizer, monkeypatch):
+    with live_server(tiny_model(vocab_size=tokenizer.vocab_size), tokenizer) as (url, app):
+        engine = app.state.worker.engine
+        add = engine.add
+        monkeypatch.setattr(engine, "add", lambda *a: (_ for _ in ()).throw(RuntimeError("injected bug")))
+        r = post(url, "completions", {"model": NAME, "prompt": "a", "max_tokens": 2})
+        assert r.status_code == 500 and "injected bug" in r.json()["error"]["message"]
+        monkeypatch.setattr(engine, "add", add)
+        assert post(url, "completions", {"model": NAME, "prompt": "a", "max_tokens": 2}).status_code == 200
+        wait_idle(url)
