@@ -183,6 +183,7 @@ class ChatBody(CompletionParams):
 
 class CompletionBody(CompletionParams):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt's log-probs only (OpenAI's legacy use)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
     suffix: str | None = None
@@ -194,6 +195,8 @@ class CompletionBody(CompletionParams):
             raise unsupported("suffix", "insertion (fill-in-the-middle) is not implemented")
         if self.best_of not in (None, self.n):
             raise unsupported("best_of", f"only best_of = n ({self.n}): ranking candidates is not implemented")
+        if self.max_tokens == 0 and not self.echo:
+            raise APIError(400, "max_tokens=0 scores the prompt only: it needs echo=true", param="max_tokens")
         if isinstance(self.prompt, list) and not self.prompt:
             raise APIError(400, "prompt is an empty list", param="prompt")
         if isinstance(self.prompt, list) and any(isinstance(p, list) and not p for p in self.prompt):

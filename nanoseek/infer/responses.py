@@ -26,8 +26,10 @@ class Choice:
     """One choice's text and log-probs, built from its deltas; `chunk_piece` renders one delta for streaming,
     `final` the whole choice."""
 
-    def __init__(self, index: int, request: EngineRequest, chat: bool, tokenizer, echo: str | None = None):
+    def __init__(self, index: int, request: EngineRequest, chat: bool, tokenizer, echo: str | None = None,
+                 prompt_only: bool = False):
         self.index, self.request, self.chat, self.tok = index, request, chat, tokenizer
+        self.prompt_only = prompt_only  # max_tokens=0 with echo: the generated token is not shown
         self.text, self.offset = "", 0
         self.splitter = ReasoningSplitter() if chat else None
         self.echo = echo  # completions with echo: the prompt's text, sent before the completion
@@ -79,6 +81,8 @@ class Choice:
 
     def chunk_piece(self, d: Delta) -> dict | None:
         """A streamed delta (None when it carries nothing: a held-back partial tag and no log-probs)."""
+        if self.prompt_only:  # nothing generated is shown, and it ended at its length of 0
+            d = Delta(d.request, (), "", (), "length" if d.finish_reason in ("stop", "length") else d.finish_reason)
         lps, echo = None, self.echo or ""  # the echoed prompt goes with the first delta (after the prefill)
         self.echo = None
         if self.wants_logprobs:
@@ -99,6 +103,8 @@ class Choice:
         return {**piece, "logprobs": lps, "finish_reason": d.finish_reason}
 
     def add(self, d: Delta) -> None:
+        if self.prompt_only:
+            return
         self.text += d.text
         if self.wants_logprobs:
             self.pairs += shown(self.request, d.tokens, d.logprobs)
@@ -112,15 +118,15 @@ class Choice:
             self._add_logprobs(self.pairs, lps)
         if not self.chat:
             return {"index": self.index, "text": (self.echo or "") + self.text, "logprobs": lps,
-                    "finish_reason": r.finish_reason}
+                    "finish_reason": "length" if self.prompt_only else r.finish_reason}
         reasoning, content = split_reasoning(self.text)
         return {"index": self.index, "message": {"role": "assistant", "content": content,
                                                  "reasoning_content": reasoning},
                 "logprobs": lps, "finish_reason": r.finish_reason}
 
 
-def usage(prompts: list[list[int]], requests: list[EngineRequest]) -> dict:
+def usage(prompts: list[list[int]], choices: list[Choice]) -> dict:
     """Token counts: each prompt once, whatever the number of choices (as OpenAI counts)."""
     prompt = sum(len(p) for p in prompts)
-    completion = sum(len(r.tokens) for r in requests)
+    completion = sum(0 if c.prompt_only else len(c.request.tokens) for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}

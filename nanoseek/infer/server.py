@@ -132,7 +132,8 @@ class Completions:
                                    max(ticket.deadline - time.monotonic(), 0.001))
             self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
             echo = [self._echo(body, p) for p in prompts for _ in range(body.n)]
-            choices = [Choice(i, r, chat, self.tok, echo[i]) for i, r in enumerate(ticket.requests)]
+            prompt_only = body.limit == 0  # one token is generated and dropped: the prompt's log-probs only
+            choices = [Choice(i, r, chat, self.tok, echo[i], prompt_only) for i, r in enumerate(ticket.requests)]
             head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}", "created": int(time.time()),
                     "model": self.name}
             if body.stream:
@@ -147,7 +148,7 @@ class Completions:
                     raise _failed(d)
                 of[d.request].add(d)
             return {**head, "object": "chat.completion" if chat else "text_completion",
-                    "choices": [c.final() for c in choices], "usage": usage(prompts, ticket.requests)}
+                    "choices": [c.final() for c in choices], "usage": usage(prompts, choices)}
         except ValueError as e:  # engine.add: the prompt does not fit (the checks above make this rare)
             raise APIError(400, str(e), param=param, code="context_length_exceeded") from None
         except asyncio.TimeoutError:
@@ -204,7 +205,7 @@ class Completions:
                 if (piece := c.chunk_piece(d)) is not None:
                     yield {**head, "choices": [{"index": c.index, **piece}]}
             if include_usage:
-                yield {**head, "choices": [], "usage": usage(prompts, ticket.requests)}
+                yield {**head, "choices": [], "usage": usage(prompts, choices)}
         except asyncio.TimeoutError:
             yield APIError(408, f"the request did not finish within request_timeout={self.cfg.request_timeout:g} s; "
                                 "it was cancelled", code="timeout").body()
@@ -258,6 +259,7 @@ class Completions:
     def _params(self, body: ChatBody | CompletionBody, prompt_len: int, i: int) -> SamplingParams:
         """Choice i's SamplingParams; without a max_tokens, max_tokens_default capped by the context."""
         max_tokens = body.limit or max(1, min(self.cfg.max_tokens_default, self.max_len - prompt_len))
+        max_tokens = 1 if body.limit == 0 else max_tokens
         echo = isinstance(body, CompletionBody) and body.echo
         try:
             return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_k=body.top_k,

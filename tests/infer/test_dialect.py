@@ -127,3 +127,26 @@ def test_tokenizer_endpoints(url, tokenizer):
     assert info["eos_token"] == "<|end_of_text|>" and "{{ bos_token }}" in info["chat_template"]
     bad = httpx.post(f"{url}/detokenize", json={"tokens": [1, 10**9]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_max_tokens_0_with_echo_scores_the_prompt_only(url, model, tokenizer, stream):
+    """OpenAI's legacy scoring call (max_tokens=0, echo, logprobs), as older harnesses send it."""
+    r = post(url, "v1/completions", {"prompt": "The quick brown", "max_tokens": 0, "echo": True, "logprobs": 1,
+                                     "stream": stream, "stream_options": {"include_usage": True} if stream else None})
+    if stream:
+        chunks = events(r)
+        pieces = [c for e in chunks for c in e["choices"]]
+        text = "".join(c["text"] for c in pieces)
+        lps = [x for c in pieces if c["logprobs"] for x in c["logprobs"]["token_logprobs"]]
+        finish, used = pieces[-1]["finish_reason"], chunks[-1]["usage"]
+    else:
+        choice = r.json()["choices"][0]
+        text, lps, finish, used = choice["text"], choice["logprobs"]["token_logprobs"], choice["finish_reason"], \
+            r.json()["usage"]
+    prompt = tokenizer.encode("The quick brown", bos=True)
+    assert text == "The quick brown" and finish == "length" and used["completion_tokens"] == 0
+    assert lps[0] is None and len(lps) == len(prompt)
+    torch.testing.assert_close(torch.tensor(lps[1:]), torch.tensor(full_logprobs(model, prompt)), atol=1e-4, rtol=0)
+    bad = httpx.post(f"{url}/v1/completions", json={"model": NAME, "prompt": "a", "max_tokens": 0})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "max_tokens"

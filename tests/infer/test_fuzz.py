@@ -197,5 +197,8 @@ def test_schemathesis_finds_no_server_errors_hangs_or_leaks(fuzz_url):
     assert not problems, "\n".join(problems)
     tested = {label for label, _ in statuses}
     assert OPERATIONS <= tested, f"not fuzzed: {OPERATIONS - tested}"
-    assert statuses["POST /v1/completions", 200] and streams, "the fuzzing did not reach generation"
+    # generation was reached (fuzzed streams depend on the examples drawn and on the time budget: the bystander
+    # streams throughout)
+    assert statuses["POST /v1/completions", 200] and statuses["POST /v1/chat/completions", 200], \
+        "the fuzzing did not reach generation"
     assert not thread.is_alive() and statuses["bystander chat stream", 200], "the bystander did not stream"
