@@ -6,7 +6,7 @@ __version__ = "0.1.0"
 
 def __getattr__(name: str):
     """`from nanoseek import ModelConfig, Transformer` without loading torch on `import nanoseek` (PEP 562),
-    so that the `nanoseek` command can set torch's environment before torch loads (cli.py)."""
+    so that the `nanoseek` command can set torch's environment before torch loads (cli/__init__.py)."""
     if name == "ModelConfig":
         from nanoseek.config import ModelConfig
         return ModelConfig

@@ -12,16 +12,18 @@ norms, RoPE, SwiGLU and other elementwise work, optimizer, and recomputation (MF
 
 MFU = F x tokens/s / peak (perf-notes section 3); GPU-hours = F x tokens / (peak x MFU x 3600). Peaks are
 dense (no 2:4 sparsity) tensor-core FLOP/s from the vendor datasheets (`GPUS`); `cpu` measures a GEMM peak.
-The `nanoseek cost` report (tables, the reported V3 and Llama 3.1 figures) is cost_report.py.
+The V3 paper's Table 1 and Llama 3.1's figures are data here (`V3_PAPER`, `LLAMA31`), rechecked by `paper_check`;
+`nanoseek cost` lays all of it out as tables in cost_report.py.
 """
 
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 from typing import NamedTuple
 
-from nanoseek.config import ModelConfig
+from nanoseek.config import PRESETS, ModelConfig, apply_overrides, fmt_count
 
 
 # ---------------------------------------------------------------------- hardware
@@ -198,6 +200,89 @@ def run_compute(flops_per_token: float, tokens: float, seconds: float, devices: 
     return out
 
 
+class RunEstimate(NamedTuple):
+    peak: float  # dense FLOP/s per device
+    precision: str
+    peak_source: str  # "datasheet" or "measured"
+    mfu: float | None  # given, or F x tokens/s / peak
+    total_flops: float | None  # F x tokens
+    hours: float | None  # device-hours = total / (peak x MFU x 3600)
+    days: float | None  # of wall-clock on num_gpus devices
+    cost: float | None  # hours x price
+
+
+def run_estimate(flops_per_token: float, tokens: float | None, gpu: str, precision: str | None = None,
+                 mfu_value: float | None = None, tokens_per_second: float | None = None, num_gpus: int = 1,
+                 price: float = 2.0) -> RunEstimate:
+    """Training on `tokens` tokens on `num_gpus` x `gpu` at an MFU, or at a measured per-device throughput (which
+    gives the MFU): total FLOPs, device-hours, days, dollars (None where tokens or the MFU are not given)."""
+    peak, precision, source = peak_flops(gpu, precision)
+    if tokens_per_second is not None:
+        mfu_value = mfu(flops_per_token, tokens_per_second, peak)
+        if mfu_value > 1:
+            raise ValueError(f"--tokens-per-second {tokens_per_second:g} implies MFU {mfu_value:.2f} > 1 on {gpu} "
+                             f"{precision}: give the throughput of one device")
+    total = flops_per_token * tokens if tokens is not None else None
+    if total is None or mfu_value is None:
+        return RunEstimate(peak, precision, source, mfu_value, total, None, None, None)
+    hours = gpu_hours(total, peak, mfu_value)
+    return RunEstimate(peak, precision, source, mfu_value, total, hours, hours / num_gpus / 24, hours * price)
+
+
+# ---------------------------------------------------------------------- reported figures
+V3_PAPER = {  # DeepSeek-V3 Technical Report (arXiv 2412.19437), Table 1 and section 1: H800 GPU-hours at $2/hour
+    "source": "DeepSeek-V3 Technical Report (arXiv 2412.19437), Table 1 and sections 1, 4.1",
+    "price": 2.0, "tokens": 14.8e12, "seq_len": 4096, "gpus": 2048, "hours_per_trillion": 180e3,
+    "stages": {"pre-training": (2664e3, 5.328e6), "context extension": (119e3, 0.238e6),
+               "post-training": (5e3, 0.01e6)},
+    "total": (2788e3, 5.576e6),
+}
+LLAMA31 = {
+    "source": "Llama 3.1 model card (meta-llama/llama-models models/llama3_1/MODEL_CARD.md); Llama 3 paper "
+              "(arXiv 2407.21783) section 1 for tokens and FLOPs",
+    "params": 405e9, "tokens": 15.6e12, "flops": 3.8e25, "hours_405b": 30.84e6, "hours_family": 39.3e6,
+}
+
+
+class PaperCheck(NamedTuple):
+    total_hours: float  # V3: the sum of Table 1's stages
+    total_cost: float  # x $2 per GPU-hour
+    pretrain_hours: float  # 180K GPU-hours per trillion tokens x 14.8T
+    days_per_trillion: float  # on 2,048 GPUs
+    pretrain_days: float
+    params_activated: int  # V3 from first principles: preset v3-671b
+    flops_per_token: float  # F at S = 4096, causal, main model
+    total_flops: float  # F x 14.8T
+    sustained: float  # FLOP/s per H800 over the pre-training GPU-hours
+    mfu_bf16: float  # sustained / the H800's dense peak
+    mfu_fp8: float
+    mfu_bf16_with_mtp: float  # F counting the MTP module
+    llama_flops: float  # Llama 3.1 405B: 6 N x tokens
+    flops_ratio: float  # its training FLOPs / V3's pre-training FLOPs
+    ratio_405b: float  # its GPU-hours / V3's total
+    ratio_family: float  # GPU-hours of 8B + 70B + 405B / V3's total
+    llama_mfu_bf16: float  # implied, vs the H100's dense bf16 peak
+
+
+def paper_check() -> PaperCheck:
+    """The V3 paper's cost table recomputed from its own figures and from the FLOPs formula, beside Llama 3.1
+    405B's: V3 sustained 386 TFLOP/s per H800 (39% of the bf16 dense peak, spec section 9)."""
+    P, ll, h800 = V3_PAPER, LLAMA31, GPUS["h800"].peaks
+    hours = sum(h for h, _ in P["stages"].values())
+    pre = P["hours_per_trillion"] * P["tokens"] / 1e12
+    cfg = ModelConfig.preset("v3-671b")
+    f = train_flops_per_token(cfg, P["seq_len"]).total
+    f_mtp = train_flops_per_token(cfg, P["seq_len"], mtp=True).total
+    sustained = f * P["tokens"] / (pre * 3600)
+    llama = dense_flops_per_token(ll["params"]).total * ll["tokens"]
+    return PaperCheck(hours, hours * P["price"], pre, P["hours_per_trillion"] / P["gpus"] / 24, pre / P["gpus"] / 24,
+                      cfg.num_params().activated, f, f * P["tokens"], sustained, sustained / h800["bf16"],
+                      sustained / h800["fp8"], f_mtp * P["tokens"] / (pre * 3600) / h800["bf16"], llama,
+                      llama / (f * P["tokens"]), ll["hours_405b"] / hours, ll["hours_family"] / hours,
+                      llama / (ll["hours_405b"] * 3600) / GPUS["h100"].peaks["bf16"])
+
+
+# ---------------------------------------------------------------------- options of `nanoseek cost` and `plan`
 def parse_count(text: str | float, option: str = "--tokens") -> float:
     """'14.8T' -> 14.8e12. Plain numbers ('405e9', '1000') or a K/M/B/T suffix (1e3/1e6/1e9/1e12); must be a
     positive finite number."""
@@ -226,3 +311,65 @@ def check_mfu(value: str | float, option: str = "--mfu") -> float:
     if not 0 < x <= 1:
         raise ValueError(f"{option} {value} is not in (0, 1]; give a fraction such as 0.35 (35%)")
     return x
+
+
+def load_config(args) -> tuple[ModelConfig | None, str]:
+    """The model of `nanoseek cost` and `nanoseek plan`: --preset NAME, --config config.json (Hugging Face format)
+    or --dense-params N (None), with key=value overrides."""
+    given = [o for o, v in (("--preset", args.preset), ("--config", args.config),
+                            ("--dense-params", args.dense_params)) if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"give exactly one of --preset ({', '.join(sorted(PRESETS))}), --config PATH, "
+                         f"--dense-params N or --paper; got {' and '.join(given) or 'none'}")
+    if args.dense_params is not None:
+        if args.overrides:
+            raise ValueError("key=value overrides need --preset or --config, not --dense-params")
+        return None, f"dense, {fmt_count(parse_count(args.dense_params, '--dense-params'))} parameters"
+    if args.preset is not None:
+        cfg, name = ModelConfig.preset(args.preset), f"preset {args.preset}"
+    else:
+        cfg, name = ModelConfig.from_file(args.config), f"config {Path(args.config)}"
+    if args.overrides:
+        cfg, name = apply_overrides(cfg, args.overrides), f"{name} {' '.join(args.overrides)}"
+    return cfg, name
+
+
+class CostQuery(NamedTuple):
+    cfg: ModelConfig | None  # None: a dense model of dense_params parameters
+    name: str
+    dense_params: float | None
+    seq_len: int
+    gqa_groups: int
+    run: bool  # a run option was given (--tokens, --mfu, --tokens-per-second or --gpu)
+    tokens: float | None
+    gpu: str
+    precision: str | None
+    mfu: float | None
+    tokens_per_second: float | None
+    num_gpus: int
+    price: float
+
+
+def cost_query(args) -> CostQuery | None:
+    """The options of `nanoseek cost` (declared in cli.py), checked; None for --paper, which takes no other."""
+    if args.paper:
+        extra = [o for o, v in (("--preset", args.preset), ("--config", args.config), ("--dense-params",
+                 args.dense_params), ("--tokens", args.tokens), ("--gpu", args.gpu), ("--mfu", args.mfu),
+                 ("--tokens-per-second", args.tokens_per_second)) if v is not None]
+        if extra:
+            raise ValueError(f"--paper takes no model or run options (got {', '.join(extra)})")
+        return None
+    cfg, name = load_config(args)
+    dense = parse_count(args.dense_params, "--dense-params") if cfg is None else None
+    tokens = parse_tokens(args.tokens) if args.tokens is not None else None
+    if args.mfu is not None and args.tokens_per_second is not None:
+        raise ValueError("give --mfu or --tokens-per-second, not both")
+    m = check_mfu(args.mfu) if args.mfu is not None else None
+    tps = parse_count(args.tokens_per_second, "--tokens-per-second") if args.tokens_per_second else None
+    if not args.num_gpus > 0:
+        raise ValueError(f"--num-gpus {args.num_gpus} must be a positive integer")
+    if not (math.isfinite(args.price) and args.price >= 0):
+        raise ValueError(f"--price {args.price} must be a non-negative number of dollars per GPU-hour")
+    run = tokens is not None or m is not None or tps is not None or args.gpu is not None
+    return CostQuery(cfg, name, dense, args.seq_len, args.gqa_groups, run, tokens, args.gpu or "h800",
+                     args.precision, m, tps, args.num_gpus, args.price)

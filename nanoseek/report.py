@@ -107,6 +107,13 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
+def compute_rows(compute: dict) -> dict[str, str]:
+    """report.md's rows of what a run used (`cost.run_compute`): total FLOPs, MFU, device-hours, dollars."""
+    return {"total FLOPs": f"{compute['flops']:.3e}", "MFU": f"{compute.get('mfu', float('nan')):.1%}",
+            "device-hours": f"{compute['device_hours']:.4f}",
+            "cost": f"${compute['cost']:.4f} at ${compute['price_per_hour']}/device-hour"}
+
+
 def write_report(run_dir: Path, sections: dict[str, dict]) -> Path:
     """RUN/report.md, titled after the run directory: one table per section (name -> {label: value}), then
     the plots."""

@@ -1,9 +1,10 @@
-"""What a training or RL run needs from its machine and leaves on disk: the device it runs on, and its
-metrics log (JSONL, one record per line, cut back on resume)."""
+"""What a training or RL run needs from its machine and leaves on disk: the device it runs on, its metrics log
+(JSONL, one record per line, cut back on resume), and the time of a forward pass (`nanoseek model`)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -15,6 +16,17 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"device={name!r} but no CUDA device is available")
     return torch.device(name)
+
+
+def time_forward(model: torch.nn.Module, ids: torch.Tensor, repeats: int) -> float:
+    """Median seconds of a no-grad forward of `model` over `ids`, after one warm-up."""
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            model(ids)
+            times.append(time.perf_counter() - t0)
+    return sorted(times[1:])[len(times[1:]) // 2]
 
 
 class MetricsLog:

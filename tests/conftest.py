@@ -39,7 +39,7 @@ def tiny_run(tmp_path_factory, shard_dir):
                                    "batch_size=2", "data.seq_len=64", "eval_every=4", "eval_batches=1", "ckpt_every=4"])
     cfg, shards, _ = resolve_data(cfg)
     result = train(cfg, shards, quiet=True)
-    return out, result["model"].eval()
+    return out, result.model.eval()
 
 
 # ---------------------------------------------------------------------- real DeepSeek folders
@@ -68,8 +68,8 @@ def make_deepseek_folder(out, flavor: str = "v3", dtype=torch.bfloat16, max_shar
     tokenizer files: what a user's folder looks like, at a size a test can afford."""
     import transformers
 
-    cfg = ModelConfig.preset("tiny", vocab_size=129280, num_nextn_predict_layers=0, bos_token_id=0,
-                             eos_token_id=1, **overrides)
+    cfg = ModelConfig.preset("tiny", **{**dict(vocab_size=129280, num_nextn_predict_layers=0, bos_token_id=0,
+                                               eos_token_id=1), **overrides})
     hf_cfg = transformers.DeepseekV3Config(**cfg.to_hf_dict())
     torch.manual_seed(seed)
     model = transformers.DeepseekV3ForCausalLM(hf_cfg)

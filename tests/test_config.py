@@ -127,3 +127,84 @@ def test_overrides_are_strict():
         apply_overrides(cfg, ["norm_topk_prob=3"])
     with pytest.raises(ValueError, match="key=value"):
         apply_overrides(cfg, ["hidden_size"])
+
+
+# DeepSeek's inference configs, github deepseek-ai/DeepSeek-V3 @ 9b4e978 inference/configs/*.json, as they are
+CONFIG_16B = {"vocab_size": 102400, "dim": 2048, "inter_dim": 10944, "moe_inter_dim": 1408, "n_layers": 27,
+              "n_dense_layers": 1, "n_heads": 16, "n_routed_experts": 64, "n_shared_experts": 2,
+              "n_activated_experts": 6, "route_scale": 1.0, "q_lora_rank": 0, "kv_lora_rank": 512,
+              "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "v_head_dim": 128, "mscale": 0.707}
+CONFIG_236B = {"vocab_size": 102400, "dim": 5120, "inter_dim": 12288, "moe_inter_dim": 1536, "n_layers": 60,
+               "n_dense_layers": 1, "n_heads": 128, "n_routed_experts": 160, "n_shared_experts": 2,
+               "n_activated_experts": 6, "n_expert_groups": 8, "n_limited_groups": 3, "route_scale": 16.0,
+               "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64,
+               "v_head_dim": 128}
+CONFIG_671B = {"vocab_size": 129280, "dim": 7168, "inter_dim": 18432, "moe_inter_dim": 2048, "n_layers": 61,
+               "n_dense_layers": 3, "n_heads": 128, "n_routed_experts": 256, "n_shared_experts": 1,
+               "n_activated_experts": 8, "n_expert_groups": 8, "n_limited_groups": 4, "route_scale": 2.5,
+               "score_func": "sigmoid", "q_lora_rank": 1536, "kv_lora_rank": 512, "qk_nope_head_dim": 128,
+               "qk_rope_head_dim": 64, "v_head_dim": 128, "dtype": "fp8"}
+CONFIG_V31 = {**CONFIG_671B, "scale_fmt": "ue8m0"}
+
+
+def test_deepseek_inference_configs_are_the_released_models():
+    from nanoseek.config import read_model_config
+
+    lite = ModelConfig.preset("v2-lite")
+    v2 = read_model_config(CONFIG_16B)
+    assert v2.q_lora_rank is None and v2.rope_scaling == lite.rope_scaling  # q_lora_rank 0: a plain q_proj
+    assert v2 == lite.replace(bos_token_id=0, eos_token_id=1)  # the inference format has no token ids
+    p = v2.num_params()
+    assert p == lite.num_params()  # 15.7B total, 2.4B activated (the V2 paper's figure leaves out the embedding)
+    assert round(p.total / 1e8) == 157 and abs(p.activated - p.embedding - 2.4e9) < 0.1e9
+    for config in (CONFIG_671B, CONFIG_V31):
+        v3 = read_model_config(config)
+        assert v3 == ModelConfig.preset("v3-671b", num_nextn_predict_layers=0)  # the inference code has no MTP
+        assert round(v3.num_params().total / 1e9) == 671 and abs(v3.num_params().activated - 37e9) <= 1e9
+    big = read_model_config(CONFIG_236B)
+    assert (big.model_type, big.topk_method, big.n_group, big.topk_group, big.norm_topk_prob) == (
+        "deepseek_v2", "group_limited_greedy", 8, 3, False)
+    assert (big.q_lora_rank, big.routed_scaling_factor, big.num_hidden_layers) == (1536, 16.0, 60)
+    assert round(big.num_params().total / 1e9) == 236 and round(big.num_params().activated / 1e9) == 21
+    short = read_model_config({**CONFIG_16B, "max_seq_len": 4096})  # DeepSeek's YaRN only past original_seq_len
+    assert short.rope_scaling is None and short.max_position_embeddings == 4096
+
+
+def test_every_config_format_reads_from_a_file(tmp_path):
+    from nanoseek.config import read_model_config
+
+    nano = ModelConfig.preset("nano")
+    for name, d in [("hf.json", nano.to_hf_dict()), ("run.json", {"model": nano.to_dict(), "steps": 3})]:
+        (tmp_path / name).write_text(json.dumps(d))
+        assert ModelConfig.from_file(tmp_path / name) == nano
+    (tmp_path / "v3.json").write_text(json.dumps(CONFIG_671B))
+    assert ModelConfig.from_file(tmp_path / "v3.json").hidden_size == 7168
+    for d, message in [({"hello": 1}, "not a model config: it has neither a 'model' table"),
+                       ({**CONFIG_671B, "n_layer": 3}, "unknown key 'n_layer' in DeepSeek's inference config format; "
+                                                       "did you mean 'n_layers'?"),
+                       ({"model_type": "qwen2"}, "model_type='qwen2' is not a DeepSeek model; nanoseek reads "
+                                                 "('deepseek_v3', 'deepseek_v2')"),
+                       ({**CONFIG_16B, "n_heads": 0}, "num_attention_heads=0 must be a positive integer")]:
+        (tmp_path / "bad.json").write_text(json.dumps(d))
+        with pytest.raises(ValueError) as err:
+            read_model_config(tmp_path / "bad.json")
+        assert str(err.value).startswith(f"{tmp_path / 'bad.json'}: ") and message in str(err.value)
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="bad.json is not readable JSON"):
+        ModelConfig.from_file(tmp_path / "bad.json")
+
+
+def test_cost_reads_deepseek_inference_configs(tmp_path, capsys):
+    from nanoseek.cli import main
+
+    def model_values(*argv):
+        assert main(["cost", *argv, "--json"]) == 0
+        return {k: v["value"] for k, v in json.loads(capsys.readouterr().out)["model"]["values"].items()}
+
+    (tmp_path / "config_671B.json").write_text(json.dumps(CONFIG_671B))
+    (tmp_path / "config_16B.json").write_text(json.dumps(CONFIG_16B))
+    v3 = model_values("--config", str(tmp_path / "config_671B.json"))
+    assert v3["params_total"] == ModelConfig.preset("v3-671b").num_params().total
+    assert v3 == model_values("--preset", "v3-671b", "num_nextn_predict_layers=0")
+    lite = model_values("--config", str(tmp_path / "config_16B.json"))
+    assert lite["params_total"] == ModelConfig.preset("v2-lite").num_params().total

@@ -106,3 +106,22 @@ def test_an_exported_folder_fine_tunes_and_a_missing_shard_is_named(tiny_run, sh
     (out / missing).unlink()
     with pytest.raises(ValueError, match=f"has no {missing}"):
         load_pretrained(out)
+
+
+def test_a_deepseek_folder_round_trips_with_its_tokenizer(deepseek_folder, tmp_path):
+    """export of a user's folder keeps its tokenizer files, special tokens and template; the weights stay bf16 and
+    equal, and transformers reads the result."""
+    out = tmp_path / "out"
+    assert main(["export", str(deepseek_folder), str(out)]) == 0
+    a, b = load_pretrained(deepseek_folder), load_pretrained(out)
+    assert next(b.model.parameters()).dtype == torch.bfloat16
+    for (key, x), y in zip(a.model.state_dict().items(), b.model.state_dict().values()):
+        if key.endswith("e_score_correction_bias"):  # shifted to a minimum of 0: the same selection
+            x, y = x - x.min(), y - y.min()
+        assert torch.equal(x, y), key
+    assert b.tokenizer.template.source == a.tokenizer.template.source
+    assert (b.tokenizer.special_tokens, b.tokenizer.stop_ids) == (a.tokenizer.special_tokens, a.tokenizer.stop_ids)
+    ref = transformers.AutoTokenizer.from_pretrained(out)
+    messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "2+2?"}]
+    assert ref.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)[
+        "input_ids"] == b.tokenizer.apply_chat(messages)

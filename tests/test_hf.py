@@ -62,3 +62,86 @@ def test_bad_directories_say_what_is_wrong(tiny_run, tmp_path):
     (broken / "checkpoints" / "step_000004" / "model.safetensors").write_bytes(b"garbage")
     with pytest.raises(ValueError, match="corrupt or truncated"):
         load_pretrained(broken)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])
+def test_other_model_types_are_refused_naming_the_file(tmp_path, model_type):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 64}))
+    with pytest.raises(ValueError) as err:
+        load_pretrained(tmp_path)
+    assert str(err.value) == (f"{tmp_path / 'config.json'}: model_type={model_type!r} is not a DeepSeek model; "
+                              f"nanoseek reads ('deepseek_v3', 'deepseek_v2')")
+
+
+def sharded_folder(tmp_path):
+    from tests.test_load import save_hf, tiny_model
+
+    save_hf(tiny_model(), tmp_path, shard_bytes=300_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    return index["weight_map"]
+
+
+def rewrite(file, change):
+    from safetensors.torch import load_file
+
+    sd = load_file(file)
+    change(sd)
+    save_file(sd, file)
+
+
+def test_bad_checkpoints_name_the_file_and_the_tensor(tmp_path):
+    weight_map = sharded_folder(tmp_path)
+    key = "model.layers.0.self_attn.kv_b_proj.weight"
+    shard = tmp_path / weight_map[key]
+    saved = shard.read_bytes()
+    shard.unlink()
+    with pytest.raises(ValueError, match=f"{tmp_path} has no {shard.name}, which model.safetensors.index.json names"):
+        load_pretrained(tmp_path)
+    shard.write_bytes(saved[:-100])
+    with pytest.raises(ValueError, match=f"{shard} is corrupt or truncated: its header describes \\d+ bytes, the "
+                                         f"file has {len(saved) - 100}"):
+        load_pretrained(tmp_path)
+    shard.write_bytes(saved[:8] + b"x" + saved[9:])
+    with pytest.raises(ValueError, match=f"{shard} is corrupt or truncated: its header is not JSON"):
+        load_pretrained(tmp_path)
+    shard.write_bytes(saved)
+    rewrite(shard, lambda sd: sd.pop(key))
+    with pytest.raises(ValueError, match=f"model.safetensors.index.json places 1 tensors in shards that do not hold "
+                                         f"them, e.g. '{key}' in {shard}"):
+        load_pretrained(tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {k: v for k, v in weight_map.items() if k != key}}))
+    with pytest.raises(ValueError, match=f"{tmp_path}: checkpoint does not fit this model .*: missing keys \\(1\\): "
+                                         f"{key}$"):
+        load_pretrained(tmp_path)
+    shard.write_bytes(saved)
+    rewrite(shard, lambda sd: sd.update({"model.layers.0.self_attn.extra.weight": torch.zeros(2)}))
+    with pytest.raises(ValueError, match=f"unexpected keys \\(1\\): model.layers.0.self_attn.extra.weight "
+                                         f"\\({shard.name}\\)"):
+        load_pretrained(tmp_path)
+    shard.write_bytes(saved)
+    rewrite(shard, lambda sd: sd.update({key: torch.zeros(3, 3)}))
+    with pytest.raises(ValueError, match=f"wrong shapes \\(1\\): {key}: checkpoint \\(3, 3\\) vs model"):
+        load_pretrained(tmp_path)
+
+
+def test_a_deepseek_inference_config_is_read(tmp_path):
+    """A folder whose config.json is in DeepSeek's inference format (inference/configs/*.json) and whose weights
+    are in Hugging Face's names loads; its model has no MTP module (that format has none)."""
+    from tests.test_load import save_hf, tiny_model
+
+    model = tiny_model(num_nextn_predict_layers=0)
+    save_hf(model, tmp_path)
+    c = model.config
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        vocab_size=c.vocab_size, dim=c.hidden_size, inter_dim=c.intermediate_size, moe_inter_dim=c.moe_intermediate_size,
+        n_layers=c.num_hidden_layers, n_dense_layers=c.first_k_dense_replace, n_heads=c.num_attention_heads,
+        n_routed_experts=c.n_routed_experts, n_shared_experts=c.n_shared_experts,
+        n_activated_experts=c.num_experts_per_tok, n_expert_groups=c.n_group, n_limited_groups=c.topk_group,
+        route_scale=c.routed_scaling_factor, score_func="sigmoid", q_lora_rank=c.q_lora_rank,
+        kv_lora_rank=c.kv_lora_rank, qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim,
+        v_head_dim=c.v_head_dim, max_seq_len=c.max_position_embeddings, dtype="bf16")))
+    pre = load_pretrained(tmp_path)
+    assert pre.model.config == c
+    assert pre.model.embed_tokens.weight.dtype == torch.bfloat16  # "dtype": "bf16"
+    torch.testing.assert_close(logits(pre.model).float(), logits(model.bfloat16()).float(), rtol=0, atol=0)

@@ -12,11 +12,12 @@ Errors name the file and line (or row) and say what was expected.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
 
-from nanoseek.data.tokenizer import BOS, EOS, render_chat
+from nanoseek.data.chat_template import NANOSEEK_CHAT, ChatTemplate
 
 EXTENSIONS = (".txt", ".jsonl", ".parquet")
 
@@ -34,15 +35,16 @@ def check_input(path: str | Path) -> None:
         raise ValueError(f"{p}: no such file")
 
 
-def iter_documents(path: str | Path, text_field: str = "text") -> Iterator[str]:
-    """Yield the non-empty documents of one input (see the module docstring for the formats)."""
+def iter_documents(path: str | Path, text_field: str = "text", chat: ChatTemplate = NANOSEEK_CHAT) -> Iterator[str]:
+    """Yield the non-empty documents of one input (see the module docstring for the formats); conversations
+    are rendered by `chat` (the tokenizer's template)."""
     check_input(path)
     s = str(path)
     if s.startswith("hf:"):
         reader = _read_hf(s[3:], text_field)
     else:
-        reader = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[Path(path).suffix](
-            Path(path), text_field)
+        reader = {".txt": _read_txt, ".jsonl": functools.partial(_read_jsonl, chat=chat),
+                  ".parquet": _read_parquet}[Path(path).suffix](Path(path), text_field)
     n = 0
     for doc in reader:
         n += 1
@@ -85,20 +87,19 @@ def iter_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
         raise ValueError(f"{path}: not valid UTF-8 ({e})") from None
 
 
-def _chat_document(path: Path, lineno: int, messages) -> str:
+def _chat_document(path: Path, lineno: int, messages, chat: ChatTemplate) -> str:
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise ValueError(f"{path}:{lineno}: 'messages' must be a non-empty list of {{role, content}} objects")
     try:
-        text = render_chat(messages, add_generation_prompt=False)
+        return chat.document(messages)
     except ValueError as e:
         raise ValueError(f"{path}:{lineno}: {e}") from None
-    return text.removeprefix(BOS).removesuffix(EOS)  # documents are framed bos ... eos when written
 
 
-def _read_jsonl(path: Path, field: str) -> Iterator[str]:
+def _read_jsonl(path: Path, field: str, chat: ChatTemplate) -> Iterator[str]:
     for lineno, row in iter_jsonl(path):
         if field not in row and "messages" in row:
-            yield _chat_document(path, lineno, row["messages"])
+            yield _chat_document(path, lineno, row["messages"], chat)
             continue
         if field not in row:
             raise ValueError(f"{path}:{lineno}: no field {field!r} (fields: {sorted(row)}); "

@@ -68,15 +68,19 @@ class TokenLoader:
     def _assistant_mask(self) -> np.ndarray:
         """The split's stream-long target mask (one byte per token), built once."""
         tok = self.shards.tokenizer()
-        others = (tok.user_id, tok.bos_id, tok.eos_id)
+        user, assistant = tok.chat_markers
+        if assistant is None:
+            raise ValueError(f"the chat template of {tok.path} opens assistant turns with no single special token, "
+                             "so loss_on='assistant' cannot find them; use loss_on='all'")
+        others = tuple(i for i in (user, tok.bos_id, tok.eos_id) if i is not None)
         parts, inside = [], False
         for array in self.shards.arrays(self.split):
-            mask, inside = assistant_targets(np.asarray(array), tok.assistant_id, others, inside)
+            mask, inside = assistant_targets(np.asarray(array), assistant, others, inside)
             parts.append(mask)
         mask = np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
         if not mask.any():
             raise ValueError(f"split {self.split!r} of {self.shards.root} has no assistant turns "
-                             f"(<|assistant|>): loss_on='assistant' needs chat-formatted documents")
+                             f"({tok.id_to_token(assistant)}): loss_on='assistant' needs chat-formatted documents")
         return mask
 
     # ------------------------------------------------------------------ training iteration

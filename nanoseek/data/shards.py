@@ -108,12 +108,12 @@ def prepare(inputs: list[str | Path], tokenizer: Tokenizer, out_dir: str | Path,
         old.unlink(missing_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     writers = {s: _SplitWriter(out_dir, s, dtype, shard_tokens) for s in SPLITS}
-    bos, eos = [tokenizer.bos_id], [tokenizer.eos_id]
+    bos, eos = [tokenizer.bos_id] if tokenizer.bos_id is not None else [], [tokenizer.eos_id]
 
     def chunks(size: int = 1024) -> Iterator[list[str]]:
         chunk: list[str] = []
         for path in inputs:
-            for doc in iter_documents(path, text_field):
+            for doc in iter_documents(path, text_field, tokenizer.template):
                 chunk.append(doc)
                 if len(chunk) == size:
                     yield chunk

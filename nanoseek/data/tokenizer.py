@@ -1,98 +1,40 @@
-"""Byte-level BPE tokenizer (Hugging Face `tokenizers`), with the chat format of the R1 stage.
+"""Tokenizers: any Hugging Face `tokenizer.json` a model folder brings, and nanoseek's own byte-level BPE.
 
-Pipeline: no normalizer (so text round-trips byte for byte: no NFC, no lower-casing), a regex split,
-then GPT-2's byte-to-unicode map, BPE over bytes, and the byte-level decoder. Every one of the 256 bytes
-is in the initial alphabet, so any UTF-8 string (Chinese, emoji, combining marks, NUL and control
-characters) encodes without <unk> and `decode(encode(s)) == s`.
+A folder's tokenizer is used as it is. Its special tokens come from the folder's files, as transformers
+reads them: `bos_token` / `eos_token` / `pad_token` from tokenizer_config.json (a string or an AddedToken
+object), and the ids in config.json and generation_config.json (`eos_token_id` may be a list: every one of
+them stops generation). The chat template is chat_template.jinja or tokenizer_config.json's
+`chat_template` (see data/chat_template.py); a folder with neither falls back to a plain rendering.
 
-The split regex (`SPLIT_PATTERN`) is GPT-4's, changed in two ways for arithmetic:
-  * every digit is its own pre-token (as in Llama 1 / DeepSeek-LLM), so numbers are never merged and
-    place values line up token by token;
-  * an XML-like tag (`<answer>`, `</answer>`, optionally after one space) is one pre-token, so BPE can
-    learn it as one token.
-
-Special tokens (ids 0..5, in this order; id 0 = bos and 1 = eos as in `ModelConfig`):
+nanoseek's own tokenizer (`Tokenizer.train`): no normalizer (text round-trips byte for byte), a regex split,
+GPT-2's byte-to-unicode map, BPE over bytes, and the byte-level decoder. Every one of the 256 bytes is in
+the initial alphabet, so any UTF-8 string encodes without <unk> and `decode(encode(s)) == s`. The split
+regex (`SPLIT_PATTERN`) is GPT-4's, changed in two ways for arithmetic: every digit is its own pre-token
+(as in Llama 1 / DeepSeek-LLM), and an XML-like tag (`<answer>`, optionally after one space) is one
+pre-token. Special tokens (ids 0..5, in this order; bos 0 and eos 1 as in `ModelConfig`):
     <|begin_of_text|>  <|end_of_text|>  <|user|>  <|assistant|>  <think>  </think>
-`<answer>` / `</answer>` are deliberately plain text, as in R1: rewards parse them from decoded text, and
-the model may write them anywhere. A special-token string that occurs in input text is encoded as that
-special token.
-
-Chat format (`render_chat`; the built-in corpus documents use it verbatim):
-    <|begin_of_text|><|user|>{prompt}<|assistant|><think>{reasoning}</think>{answer text}<|end_of_text|>
-Turns alternate user / assistant; each assistant turn ends with eos, the stop token for generation. The
-format has no system role: R1's advice is to put every instruction in the user prompt, and that is the rule
-for system messages here: those that open the conversation are joined, each followed by a blank line, and
-put before the first user turn's text (`<|user|>{system}\\n\\n{prompt}`); a system message after that is
-an error. The packed training stream is `bos doc eos bos doc eos ...`, so a prompt rendered here begins
-exactly as every training document does (without bos, a small model trained on the stream mis-reads prompts
-that start at position 0: 0% vs a correct answer, seen on the demo model).
+`<answer>` / `</answer>` are plain text, as in R1. Its chat format is `chat_template.CHAT_TEMPLATE`. The
+packed training stream is `bos doc eos bos doc eos ...`, so a prompt rendered with bos begins exactly as
+every training document does (without bos, a small model trained on the stream mis-reads prompts that start
+at position 0: 0% vs a correct answer, seen on the demo model).
 """
 
 from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-BOS, EOS, USER, ASSISTANT, THINK, END_THINK = (
-    "<|begin_of_text|>", "<|end_of_text|>", "<|user|>", "<|assistant|>", "<think>", "</think>")
-SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT, THINK, END_THINK)
+from nanoseek.data.chat_template import BOS, CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, ChatTemplate
+
 SPLIT_PATTERN = (r" ?</?[A-Za-z_]+>|\p{N}|'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}<]?\p{L}+"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 FILE_NAME = "tokenizer.json"
+CONFIG_NAME = "tokenizer_config.json"
 _SPECIAL_RE = re.compile("|".join(re.escape(s) for s in SPECIAL_TOKENS))
-
-
-def render_chat(messages: list[dict], add_generation_prompt: bool = True) -> str:
-    """Messages [{"role": "system"|"user"|"assistant", "content": str, "reasoning"?: str}] -> chat text.
-
-    An assistant message with a "reasoning" key is written `<think>{reasoning}</think>{content}`; without
-    one, its content is written as is (it may already hold the think block). With add_generation_prompt
-    and a final user turn, the text ends with `<|assistant|>`, ready for the model to write `<think>`.
-    """
-    parts, system = [BOS], ""
-    for i, m in enumerate(messages):
-        role, content = m.get("role"), m.get("content")
-        if role not in ("system", "user", "assistant"):
-            raise ValueError(f"messages[{i}].role={role!r}: allowed roles are 'system', 'user' and 'assistant'")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}].content must be a string, got {type(content).__name__}")
-        previous = messages[i - 1]["role"] if i else None
-        if role == "system":
-            if previous not in (None, "system"):
-                raise ValueError(f"messages[{i}]: a system message must come before the conversation's first "
-                                 "user turn (it is put in front of that turn's text)")
-            system += content + "\n\n"
-        elif previous == role:
-            raise ValueError(f"messages[{i}]: roles must alternate user/assistant, got two {role!r} turns")
-        elif role == "user":
-            parts.append(USER + system + content)
-            system = ""
-        elif system:
-            raise ValueError(f"messages[{i}]: system messages must be followed by a user turn, not an assistant's")
-        else:
-            think = f"{THINK}{m['reasoning']}{END_THINK}" if "reasoning" in m else ""
-            parts.append(ASSISTANT + think + content + EOS)
-    if system:
-        raise ValueError("the system messages are not followed by a user turn")
-    if add_generation_prompt and messages and messages[-1]["role"] == "user":
-        parts.append(ASSISTANT)
-    return "".join(parts)
-
-
-# A Jinja rendering of `render_chat` for `tokenizer.apply_chat_template` (hf.export writes it), with its rule
-# for system messages (those that open the conversation go before the first user turn's text)
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% set ns = namespace(system='') %}{% for m in messages %}"
-    "{% if m['role'] == 'system' %}{% if not loop.first and messages[loop.index0 - 1]['role'] != 'system' %}"
-    "{{ raise_exception('a system message must come before the first user turn') }}{% endif %}"
-    "{% set ns.system = ns.system + m['content'] + '\\n\\n' %}"
-    "{% elif m['role'] == 'user' %}<|user|>{{ ns.system }}{{ m['content'] }}{% set ns.system = '' %}"
-    "{% else %}<|assistant|>{% if m['reasoning'] is defined %}<think>{{ m['reasoning'] }}</think>{% endif %}"
-    "{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt and messages[-1]['role'] == 'user' %}<|assistant|>{% endif %}")
 
 
 def _byte_level_chars() -> dict[str, int]:
@@ -112,18 +54,63 @@ def _texts_for_training(texts: Iterable[str]) -> Iterator[str]:
         yield from (piece for piece in _SPECIAL_RE.split(text) if piece)
 
 
-class Tokenizer:
-    """A trained byte-level BPE: encode / decode, batch encode, special-token ids, chat encoding."""
+def _token_string(value) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string or an AddedToken object."""
+    return value.get("content") if isinstance(value, dict) else value
 
-    def __init__(self, hf_tokenizer, path: Path | None = None):
-        self._tok = hf_tokenizer
-        self.path = path  # the tokenizer.json it was loaded from / saved to
-        ids = [hf_tokenizer.token_to_id(s) for s in SPECIAL_TOKENS]
-        if None in ids:
-            missing = [s for s, i in zip(SPECIAL_TOKENS, ids) if i is None]
-            raise ValueError(f"tokenizer{' ' + str(path) if path else ''} lacks the special tokens {missing}")
-        self.bos_id, self.eos_id, self.user_id, self.assistant_id, self.think_id, self.end_think_id = ids
-        self.special_ids = frozenset(ids)
+
+def _ids(value) -> list[int]:
+    return [v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)]
+
+
+def _read_json(file: Path) -> dict:
+    if not file.is_file():
+        return {}
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not readable JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+class Tokenizer:
+    """A `tokenizers` tokenizer with its special ids and chat template: encode / decode, chat encoding."""
+
+    def __init__(self, hf_tokenizer, path: Path | None = None, config: dict | None = None,
+                 model_ids: tuple[dict, ...] = (), template: str | None = None):
+        """config: tokenizer_config.json's fields; model_ids: config.json / generation_config.json dicts with
+        bos_token_id / eos_token_id; template: the Jinja source (else config's `chat_template`)."""
+        self._tok, self.path = hf_tokenizer, path  # path: the tokenizer.json it was loaded from / saved to
+        where = f"tokenizer {path}" if path else "tokenizer"
+        native = config is None and all(hf_tokenizer.token_to_id(t) is not None for t in SPECIAL_TOKENS)
+        if native:  # nanoseek's own: its special tokens and chat format
+            config = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "chat_template": CHAT_TEMPLATE}
+        self.config = dict(config or {})
+        strings = {k: _token_string(self.config.get(k)) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        from_model = {k: [i for d in model_ids for i in _ids(d.get(k))] for k in ("bos_token_id", "eos_token_id")}
+        for key, ids in (("bos_token", from_model["bos_token_id"]), ("eos_token", from_model["eos_token_id"])):
+            if strings[key] is None and ids:
+                strings[key] = hf_tokenizer.id_to_token(ids[0])
+        for key, token in strings.items():
+            if token is not None and hf_tokenizer.token_to_id(token) is None:
+                raise ValueError(f"{where}: {key} {token!r} is not in its vocabulary")
+        if strings["eos_token"] is None:
+            raise ValueError(f"{where}: no end-of-sequence token (tokenizer_config.json has no eos_token, and "
+                             "config.json / generation_config.json no eos_token_id)")
+        self.special_tokens = {k: v for k, v in strings.items() if v is not None}  # what templates see
+        self.bos_id = hf_tokenizer.token_to_id(strings["bos_token"]) if strings["bos_token"] else None
+        self.eos_id = hf_tokenizer.token_to_id(strings["eos_token"])
+        self.pad_id = hf_tokenizer.token_to_id(strings["pad_token"]) if strings["pad_token"] else self.eos_id
+        self.stop_ids = frozenset([self.eos_id, *from_model["eos_token_id"]])  # every end of a reply
+        self.special_ids = frozenset(i for i, t in hf_tokenizer.get_added_tokens_decoder().items() if t.special)
+        source = template if template is not None else self.config.get("chat_template")
+        if isinstance(source, list):  # [{"name": ..., "template": ...}]: transformers uses "default"
+            source = next((t.get("template") for t in source if t.get("name") == "default"), None)
+        origin = f"the chat template of {path.parent if path else 'the tokenizer'}"
+        self.template = (ChatTemplate(source, self.special_tokens, origin) if isinstance(source, str) else
+                         ChatTemplate.plain(self.special_tokens, str(path.parent if path else "the tokenizer")))
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -149,27 +136,42 @@ class Tokenizer:
                                       special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(_texts_for_training(texts), trainer)
-        out = cls(tok)
+        out = cls(tok, config=None)
         if out_dir is not None:
             out.save(out_dir)
         return out
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load DIR/tokenizer.json (or a tokenizer.json path)."""
+        """Load a folder's tokenizer (tokenizer.json with tokenizer_config.json, chat_template.jinja,
+        config.json and generation_config.json beside it when present), or a tokenizer.json path."""
         from tokenizers import Tokenizer as HFTokenizer
 
         path = Path(path)
         file = path / FILE_NAME if path.is_dir() else path
         if not file.is_file():
-            raise ValueError(f"no tokenizer at {file} (make one with `nanoseek tokenizer`)")
-        return cls(HFTokenizer.from_file(str(file)), file)
+            raise ValueError(f"no tokenizer at {file} (make one with `nanoseek tokenizer`, or give a model folder "
+                             f"that has a tokenizer.json)")
+        try:
+            hf = HFTokenizer.from_file(str(file))
+        except Exception as e:  # tokenizers raises its own Exception type for a malformed file
+            raise ValueError(f"{file} is not a Hugging Face tokenizer.json: {e}") from None
+        folder = file.parent
+        config = _read_json(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else None
+        model = _read_json(folder / "config.json")
+        ids = (model.get("model", model), _read_json(folder / "generation_config.json"))
+        jinja = folder / "chat_template.jinja"
+        return cls(hf, file, config, ids, jinja.read_text() if jinja.is_file() else None)
 
     def save(self, out_dir: str | Path) -> Path:
+        """tokenizer.json and tokenizer_config.json (with the special tokens and the chat template)."""
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / FILE_NAME
         self._tok.save(str(self.path))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False, "add_eos_token": False,
+                  **self.config, **self.special_tokens, "chat_template": self.template.source}
+        (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=1, ensure_ascii=False))
         return self.path
 
     # ------------------------------------------------------------------ use
@@ -184,7 +186,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list[int]:
         ids = self._tok.encode(text, add_special_tokens=False).ids
-        return [self.bos_id] * bos + ids + [self.eos_id] * eos
+        return [self.bos_id] * (bos and self.bos_id is not None) + ids + [self.eos_id] * eos
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         """Many texts at once (parallel in Rust; no offsets computed)."""
@@ -196,6 +198,9 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self._tok.id_to_token(int(i))
+
+    def token_to_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
 
     def token_bytes(self, i: int) -> bytes:
         """The bytes token i stands for (a byte-level token may hold part of a UTF-8 character)."""
@@ -210,9 +215,26 @@ class Tokenizer:
         text of n bytes has at least n / max_token_bytes tokens."""
         return max(len(t.encode()) for t in self._tok.get_vocab(with_added_tokens=True))
 
-    def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of `render_chat(messages, add_generation_prompt)` (see the module docstring)."""
-        return self.encode(render_chat(messages, add_generation_prompt))
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        """The conversation as text, by the chat template (kwargs reach the template, as in transformers)."""
+        return self.template.render(messages, add_generation_prompt, **kwargs)
+
+    def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> list[int]:
+        """Token ids of render_chat: transformers' `apply_chat_template(..., tokenize=True)` (the template
+        writes bos itself; no special tokens are added)."""
+        return self.encode(self.render_chat(messages, add_generation_prompt, **kwargs))
+
+    @functools.cached_property
+    def chat_markers(self) -> tuple[int | None, int | None]:
+        """(user, assistant): the special tokens that open a user and an assistant turn in the template, when
+        each is one token (DeepSeek's <｜User｜> / <｜Assistant｜>, nanoseek's <|user|> / <|assistant|>);
+        SFT's loss on assistant turns is found by them."""
+        u, a = "\u2063user\u2063", "\u2063assistant\u2063"
+        text = self.render_chat([{"role": "user", "content": u}, {"role": "assistant", "content": a}], False)
+        heads = text[:text.find(u)], text[text.find(u) + len(u):text.find(a)]
+        added = set(self._tok.get_added_tokens_decoder())
+        ids = [self.encode(h)[-1:] if u in text and a in text else [] for h in heads]
+        return tuple(i[0] if i and i[0] in added and i[0] not in (self.bos_id, self.eos_id) else None for i in ids)
 
     def __repr__(self) -> str:
         return f"Tokenizer(vocab_size={self.vocab_size}, path={str(self.path) if self.path else None!r})"

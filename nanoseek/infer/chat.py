@@ -10,7 +10,7 @@ from typing import TextIO
 
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.infer.text import ReasoningSplitter, split_reasoning
+from nanoseek.infer.text import ReasoningSplitter, readable, split_reasoning
 
 DIM, RESET = "\033[2m", "\033[0m"
 
@@ -29,7 +29,7 @@ def complete(engine: Engine, prompts: list[str], params: SamplingParams, chat: b
     engine.run()
     results = []
     for prompt, r in zip(prompts, requests):
-        reasoning, content = split_reasoning(r.text)
+        reasoning, content = split_reasoning(r.text, tok.template.reasoning_opener if chat else "")
         results.append(dict(prompt=prompt, text=r.text, reasoning=reasoning, content=content,
                             finish_reason=r.finish_reason, prompt_tokens=len(r.prompt),
                             completion_tokens=len(r.tokens)))
@@ -37,9 +37,15 @@ def complete(engine: Engine, prompts: list[str], params: SamplingParams, chat: b
 
 
 def stream(engine: Engine, ids: list[int], params: SamplingParams, out: TextIO, color: bool) -> str:
-    """Generate one reply, printing reasoning (dimmed) and answer as they arrive; returns the whole text."""
+    """Generate one reply, printing reasoning (dimmed, then how long it took) and the answer as a person
+    reads it (no <answer> tags) as they arrive; returns the whole text."""
     req = engine.add(ids, params)
-    splitter, thinking = ReasoningSplitter(), False
+    splitter, thinking, since, answer, shown = ReasoningSplitter(engine.tokenizer.template.reasoning_opener), \
+        False, 0.0, "", ""
+
+    def stop_thinking():
+        out.write(f"{RESET if color else ''}\n[thought for {time.perf_counter() - since:.1f} s]\n")
+
     while not req.done:
         for u in engine.step():
             if u.request is not req or not u.text:
@@ -48,15 +54,20 @@ def stream(engine: Engine, ids: list[int], params: SamplingParams, out: TextIO, 
             if reasoning:
                 if not thinking:
                     out.write((DIM if color else "") + "[thinking] ")
-                    thinking = True
+                    thinking, since = True, time.perf_counter()
                 out.write(reasoning)
             if content:
                 if thinking:
-                    out.write((RESET if color else "") + "\n")
+                    stop_thinking()
                     thinking = False
-                out.write(content)
+                answer += content
+                text = readable(answer, final=False)
+                out.write(text[len(shown):])
+                shown = text
             out.flush()
-    out.write((RESET if color and thinking else "") + "\n")
+    if thinking:
+        stop_thinking()
+    out.write(readable(answer)[len(shown):] + "\n")
     if req.finish_reason == "length":
         out.write(f"[stopped at max_tokens={params.max_tokens}]\n")
     return req.text
@@ -90,7 +101,7 @@ def repl(engine: Engine, params: SamplingParams, inp: TextIO = sys.stdin, out: T
         t0 = time.perf_counter()
         n0 = engine.stats["tokens"]
         reply = stream(engine, ids, replace(params, max_tokens=min(params.max_tokens, room)), out, color)
-        reasoning, content = split_reasoning(reply)
+        reasoning, content = split_reasoning(reply, engine.tokenizer.template.reasoning_opener)
         history.append({"role": "assistant", "content": content})
         rate = (engine.stats["tokens"] - n0) / (time.perf_counter() - t0)
         out.write(f"{DIM if color else ''}({rate:.0f} tok/s){RESET if color else ''}\n")

@@ -108,7 +108,7 @@ class Engine:
         self.inbox: queue.SimpleQueue[Request] = queue.SimpleQueue()  # add() may be called from any thread
         self.waiting: deque[Request] = deque()  # touched by the stepping thread only
         self.running: list[Request] = []  # running[i] holds cache row i
-        self.eos = frozenset({tokenizer.eos_id}) if tokenizer is not None else frozenset()
+        self.eos = tokenizer.stop_ids if tokenizer is not None else frozenset()
         self.stats = dict(steps=0, prefill_tokens=0, tokens=0, drafted=0, accepted=0)
         self._ids = itertools.count()
 

@@ -31,7 +31,8 @@ class Choice:
         self.index, self.request, self.chat, self.tok = index, request, chat, tokenizer
         self.prompt_only = prompt_only  # max_tokens=0 with echo: the generated token is not shown
         self.text, self.offset = "", 0
-        self.splitter = ReasoningSplitter() if chat else None
+        self.opened = tokenizer.template.reasoning_opener if chat else ""  # R1's prompt opens <think>
+        self.splitter = ReasoningSplitter(self.opened) if chat else None
         self.echo = echo  # completions with echo: the prompt's text, sent before the completion
         self.pairs: list[tuple[int, Logprob]] = []  # generated tokens shown, with their log-probs
 
@@ -119,7 +120,7 @@ class Choice:
         if not self.chat:
             return {"index": self.index, "text": (self.echo or "") + self.text, "logprobs": lps,
                     "finish_reason": "length" if self.prompt_only else r.finish_reason}
-        reasoning, content = split_reasoning(self.text)
+        reasoning, content = split_reasoning(self.text, self.opened)
         return {"index": self.index, "message": {"role": "assistant", "content": content,
                                                  "reasoning_content": reasoning},
                 "logprobs": lps, "finish_reason": r.finish_reason}

@@ -36,7 +36,6 @@ from typing import TYPE_CHECKING
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 
-from nanoseek.data.tokenizer import BOS, CHAT_TEMPLATE, EOS
 from nanoseek.infer.access import Gate, exposure_warning, require_key
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.metrics import Metrics, Timer
@@ -242,7 +241,8 @@ class Completions:
         for p in body.prompts:
             if isinstance(p, str):
                 self._too_long(len(p.encode()), "prompt")
-                out.append(await self._off_loop(lambda s: self.tok.encode(s, bos=not s.startswith(BOS)), p))
+                bos = self.tok.special_tokens.get("bos_token")
+                out.append(await self._off_loop(lambda s: self.tok.encode(s, bos=not (bos and s.startswith(bos))), p))
                 continue
             bad = next((i for i, t in enumerate(p) if not 0 <= t < self.vocab), None)
             if bad is not None:
@@ -378,8 +378,8 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str) -> FastAPI:
 
     @app.get("/tokenizer_info", dependencies=auth)
     async def tokenizer_info():
-        return {"tokenizer_class": "nanoseek", "bos_token": BOS, "eos_token": EOS, "pad_token": None,
-                "chat_template": CHAT_TEMPLATE, "model_max_length": engine.max_len,
+        return {"tokenizer_class": "nanoseek", "pad_token": None, **tokenizer.special_tokens,
+                "chat_template": tokenizer.template.source, "model_max_length": engine.max_len,
                 "vocab_size": tokenizer.vocab_size}
 
     return app

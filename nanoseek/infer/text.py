@@ -5,7 +5,7 @@ completion into reasoning (between <think> and </think>) and answer, as DeepSeek
 
 from __future__ import annotations
 
-from nanoseek.data.tokenizer import END_THINK, THINK
+from nanoseek.data.chat_template import END_THINK, THINK
 
 
 def _partial_suffix(text: str, tag: str) -> int:
@@ -47,9 +47,13 @@ class TextStream:
         return "" if self.stopped else self.push([], final=True)
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
+def split_reasoning(text: str, opened: str = "") -> tuple[str, str]:
     """(reasoning, content): a completion that opens with <think> has its reasoning up to </think> (or to
-    the end, while still thinking); the rest is the answer."""
+    the end, while still thinking); the rest is the answer. `opened` is the think block the prompt already
+    opened (`ChatTemplate.reasoning_opener`, R1's `<think>\\n`): the completion continues it."""
+    if opened:
+        reasoning, content = split_reasoning(opened + text)
+        return reasoning.removeprefix(split_reasoning(opened)[0]), content
     stripped = text.lstrip()
     if not stripped.startswith(THINK):
         return "", text
@@ -58,11 +62,24 @@ def split_reasoning(text: str) -> tuple[str, str]:
     return reasoning, content.lstrip() if sep else ""
 
 
+_ANSWER_TAGS = ("<answer>", "</answer>")
+
+
+def readable(content: str, final: bool = True) -> str:
+    """The answer as a person reads it: R1-Zero's <answer> tags dropped, the text between them kept. While
+    streaming (final False), a tail that may still become a tag is held back. The web page does the same."""
+    for tag in _ANSWER_TAGS:
+        content = content.replace(tag, "")
+    hold = 0 if final else max(_partial_suffix(content, tag) for tag in _ANSWER_TAGS)
+    return content[: len(content) - hold]
+
+
 class ReasoningSplitter:
     """Streaming split_reasoning: push(delta) -> (reasoning delta, content delta)."""
 
-    def __init__(self):
-        self.text, self.reasoning, self.content = "", "", ""
+    def __init__(self, opened: str = ""):
+        self.text, self.content = opened, ""  # the prompt's opened think block counts as said, not shown
+        self.reasoning = split_reasoning(opened)[0]
 
     def push(self, delta: str) -> tuple[str, str]:
         self.text += delta

@@ -106,20 +106,9 @@ def fake_quantize(x: torch.Tensor, block: int | tuple[int, int] = 128, scale_fmt
     return dequantize_blockwise(*quantize_blockwise(x, block, scale_fmt, amax_floor), block)
 
 
-def dequantize_checkpoint(tensors: dict[str, torch.Tensor], block: int = 128) -> dict[str, torch.Tensor]:
-    """Replace every `X.weight` that has an `X.weight_scale_inv` by its dequantized fp32 weight."""
-    out = dict(tensors)
-    for key in [k for k in tensors if k.endswith(".weight_scale_inv")]:
-        name = key[: -len("_scale_inv")]
-        if name not in tensors:
-            raise ValueError(f"{key} has no weight {name} to scale")
-        out[name] = dequantize_blockwise(tensors[name], out.pop(key), block)
-    return out
-
-
 def quantize_checkpoint(tensors: dict[str, torch.Tensor], block: int = 128,
                         scale_fmt: str = "fp32") -> dict[str, torch.Tensor]:
-    """The inverse for export: every weight V3 stores in FP8 (`FP8_WEIGHTS`) becomes `X.weight` (e4m3) plus
+    """For export: every weight V3 stores in FP8 (`FP8_WEIGHTS`) becomes `X.weight` (e4m3) plus
     `X.weight_scale_inv` (fp32, one per block x block); the other tensors are kept as they are."""
     out = {}
     for key, t in tensors.items():

@@ -4,9 +4,10 @@
        engine, continuous batching; T and top-p as configured)
     2. only verified-correct completions are kept (the task's checker or math-verify: rewards.answer_correct),
        distinct texts, at most `per_prompt` per problem
-    3. they become chat SFT data ({"messages": [user, assistant]} JSONL, then shards with the teacher's
-       tokenizer), and a student (any preset: dense or MoE, smaller than the teacher) is trained on them with
-       the loss on assistant turns only: `nanoseek train` with data.loss_on=assistant
+    3. they become chat SFT data ({"messages": [user, assistant]} JSONL, then shards with the student's
+       tokenizer: that of its init=FOLDER when it starts from one, else the teacher's), and a student (any
+       preset or model folder, dense or MoE, smaller than the teacher) is trained on them with the loss on
+       assistant turns only: `nanoseek train` with data.loss_on=assistant
 
 OUT/distill.jsonl and OUT/summary.json (acceptance rate, examples, tokens) stay for inspection; the
 student run is OUT/student (report, plots, checkpoints, held-out accuracy like any run).
@@ -21,10 +22,11 @@ from pathlib import Path
 
 from nanoseek.data.shards import prepare
 from nanoseek.data.tasks import Problem, get_task
-from nanoseek.hf import load_pretrained
+from nanoseek.data.tokenizer import Tokenizer
+from nanoseek.hf import load_pretrained, locate
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.rl.evaluate import generate_completions, sample_seed
-from nanoseek.rl.rewards import answer_correct, parse_completion
+from nanoseek.rl.evaluate import generate_completions, prompt_ids, sample_seed
+from nanoseek.rl.rewards import accuracy_reward
 from nanoseek.train.config import load_train_config
 from nanoseek.train.loop import run as train_run
 
@@ -59,23 +61,33 @@ def select_verified(problems: list[Problem], completions: list[list[str]], per_p
         for text in texts:
             if len(seen) == per_prompt:
                 break
-            if text not in seen and answer_correct(p, parse_completion(text).answer):
+            if text not in seen and accuracy_reward(p, text):
                 seen.add(text)
                 kept.append((p, text))
     return kept
 
 
 def sample_teacher(model, tokenizer, problems: list[Problem], cfg: DistillConfig, progress: bool) -> list[list[str]]:
-    """k completions per problem, each with its own seed."""
-    prompts, params = [], []
+    """k completions per problem, each with its own seed, after the think block its prompt opened (`prompt_ids`)."""
+    prompts, openers, params = [], [], []
     for p in problems:
-        ids = tokenizer.apply_chat([{"role": "user", "content": p.prompt}])
+        ids, opener = prompt_ids(p, tokenizer)
+        openers.append(opener)
         for i in range(cfg.k):
             prompts.append(ids)
             params.append(SamplingParams(max_tokens=cfg.max_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                                          seed=sample_seed(cfg.seed, p.prompt, i)))
     outs = generate_completions(model, tokenizer, prompts, params, batch_size=256, progress=progress)
-    return [[text for text, _, _ in outs[j * cfg.k:(j + 1) * cfg.k]] for j in range(len(problems))]
+    return [[openers[j] + text for text, _, _ in outs[j * cfg.k:(j + 1) * cfg.k]] for j in range(len(problems))]
+
+
+def student_tokenizer(init: str) -> Tokenizer | None:
+    """The tokenizer of a student that starts from init=FOLDER (a run or a model folder): the verified texts are
+    its training data, so they are tokenized (and their chats rendered) its way, whatever the teacher's."""
+    if not init:
+        return None
+    run, _, _ = locate(init)
+    return Tokenizer.load(run) if (run / "tokenizer.json").is_file() else None
 
 
 def distill(cfg: DistillConfig, student_config: str | None, student_overrides: list[str], quiet: bool = False
@@ -87,19 +99,23 @@ def distill(cfg: DistillConfig, student_config: str | None, student_overrides: l
     problems = [p for name in names for p in get_task(name).sample(cfg.prompts, "train", seed=cfg.seed,
                                                                    difficulty=cfg.difficulty)]
     completions = sample_teacher(teacher.model, teacher.tokenizer, problems, cfg, not quiet)
-    verified = sum(answer_correct(p, parse_completion(t).answer) for p, texts in zip(problems, completions)
-                   for t in texts)
+    verified = int(sum(accuracy_reward(p, t) for p, texts in zip(problems, completions) for t in texts))
     kept = select_verified(problems, completions, cfg.per_prompt)
     if not kept:
         raise ValueError(f"the teacher {cfg.teacher} got none of {len(problems)} x {cfg.k} samples right: "
                          f"nothing to distill (more samples, another temperature, or easier tasks)")
     data = out / "distill.jsonl"
     with open(data, "w", encoding="utf-8") as f:
-        for p, text in kept:
-            f.write(json.dumps({"messages": [{"role": "user", "content": p.prompt},
-                                             {"role": "assistant", "content": text}]}, ensure_ascii=False) + "\n")
+        for p, text in kept:  # the user turn as the teacher's chat template saw it (raw templates: the prompt)
+            posed = p.posed()
+            user = posed if isinstance(posed, list) else [{"role": "user", "content": p.prompt}]
+            f.write(json.dumps({"messages": [*user, {"role": "assistant", "content": text}]},
+                               ensure_ascii=False) + "\n")
     shards = out / "shards"
-    stats = prepare([data], teacher.tokenizer, shards, val_fraction=0.05, seed=cfg.seed, progress=not quiet)
+    student = load_train_config(student_config, [*student_overrides, f"data.path={shards}",
+                                                 "data.loss_on=assistant", f"out_dir={out / 'student'}"])
+    tokenizer = student_tokenizer(student.init) or teacher.tokenizer
+    stats = prepare([data], tokenizer, shards, val_fraction=0.05, seed=cfg.seed, progress=not quiet)
     samples = len(problems) * cfg.k
     summary = {"teacher": cfg.teacher, "problems": len(problems), "samples": samples, "verified": verified,
                "acceptance": verified / samples, "kept": len(kept),
@@ -109,7 +125,5 @@ def distill(cfg: DistillConfig, student_config: str | None, student_overrides: l
         print(f"distill: {verified} of {samples} teacher samples verified ({verified / samples:.1%}); kept "
               f"{len(kept)} examples covering {summary['problems_covered']:.1%} of {len(problems)} problems")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    student = load_train_config(student_config, [*student_overrides, f"data.path={shards}",
-                                                 "data.loss_on=assistant", f"out_dir={out / 'student'}"])
     result = train_run(student, quiet=quiet)
     return {"summary": summary, "student": result}

@@ -3,8 +3,9 @@
 For each problem one greedy completion and k sampled ones (R1: T = 0.6, top-p = 0.95), all queued into one
 Engine so continuous batching keeps its rows full. Each sample has its own seed, a hash of (seed, prompt,
 sample index), so a problem's samples do not depend on which other problems are evaluated with it.
-Completions are scored by nanoseek.rl.rewards (accuracy: the one answer block after the reasoning passes
-the task's checker; format: well-formed).
+Prompts are posed by each problem's template (`prompt_ids`, the one prompt builder of eval, GRPO rollouts and
+distillation); completions, after the think block the prompt opened, are scored by nanoseek.rl.rewards
+(accuracy: the answer its extractor reads after the reasoning passes the task's checker; format: well-formed).
 
     greedy     mean over problems of the greedy completion's accuracy
     pass@1     (1/n) sum_q c_q / k, with the standard error over questions std(c_q / k) / sqrt(n) (R1's pass@1)
@@ -30,21 +31,40 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from tqdm import tqdm
 
 from nanoseek.data.tasks import Problem, Task, free_form_canonical
+from nanoseek.data.tasks.answers import ANSWER_TAG
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.data.chat_template import opened_reasoning
 from nanoseek.rl.rewards import MAX_ANSWER_CHARS, answer_correct, parse_completion, resolve_task
 
 N_SHOWN = 8  # problems whose completions the result shows in "samples"
 
 
-def extract_answer(completion: str) -> str | None:
-    """The completion's final answer (rewards.parse_completion): the stripped content of the one <answer> block
-    after the reasoning; None when there is none or several."""
-    return parse_completion(completion).answer
+def extract_answer(completion: str, extractor: str = ANSWER_TAG) -> str | None:
+    """The completion's final answer (rewards.parse_completion), e.g. the stripped content of the one <answer>
+    block after the reasoning; None when there is none or several."""
+    return parse_completion(completion, extractor).answer
+
+
+class Prompt(NamedTuple):
+    ids: list[int]
+    opener: str  # the think block the prompt leaves open ("<think>\n" for R1), scored before the completion
+
+
+def prompt_ids(problem: Problem, tokenizer) -> Prompt:
+    """The problem as its template poses it (Problem.posed): chat messages through the model's own chat template
+    (`tokenizer.apply_chat`, with the generation prompt), raw text (r1-zero, custom) encoded after bos. opener:
+    the think block the prompt leaves open (R1's template opens `<think>\\n`), so `opener + completion` is what
+    the rewards read."""
+    posed = problem.posed()
+    if isinstance(posed, str):
+        return Prompt(tokenizer.encode(posed, bos=True), opened_reasoning(posed))
+    return Prompt(tokenizer.apply_chat(posed, add_generation_prompt=True), tokenizer.template.reasoning_opener)
 
 
 # ----------------------------------------------------------------------------- metrics (pure)
@@ -162,10 +182,11 @@ def evaluate(model, tokenizer, problems: list[Problem], k: int = 8, temperature:
     task_of = {p.task: resolve_task(p, registry) for p in problems}
     model.eval()
     greedy = SamplingParams(max_tokens=max_tokens)
-    prompts, params = [], []
+    prompts, openers, params = [], [], []
     for p in problems:
-        ids = tokenizer.apply_chat([{"role": "user", "content": p.prompt}])
-        prompts += [ids] * (k + 1)
+        prompt = prompt_ids(p, tokenizer)
+        prompts += [prompt.ids] * (k + 1)
+        openers.append(prompt.opener)
         params += [greedy] + [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                              seed=sample_seed(seed, p.prompt, i)) for i in range(k)]
     t0 = time.perf_counter()
@@ -175,8 +196,8 @@ def evaluate(model, tokenizer, problems: list[Problem], k: int = 8, temperature:
     scored, rows, shown = [], [], []
     for j, p in enumerate(problems):
         task = task_of[p.task]
-        group = outs[j * (k + 1):(j + 1) * (k + 1)]
-        parsed = [parse_completion(text) for text, _, _ in group]
+        group = [(openers[j] + text, n, r) for text, n, r in outs[j * (k + 1):(j + 1) * (k + 1)]]
+        parsed = [parse_completion(text, p.extractor) for text, _, _ in group]
         correct = [answer_correct(p, q.answer, task) for q in parsed]
         s = Scored(p.task, correct[0], parsed[0].well_formed, group[0][1], correct[1:],
                    [q.well_formed for q in parsed[1:]], [n for _, n, _ in group[1:]],
@@ -211,6 +232,15 @@ def greedy_accuracy(model, tok, problems: list[Problem], max_tokens: int = 96, b
     return {"accuracy": result["overall"]["greedy"], "n": result["overall"]["n"], "samples": samples}
 
 
+def heldout_section(model, tok, problems: list[Problem], progress: bool = True) -> tuple[dict, float]:
+    """Greedy held-out accuracy as a report section (with four sample completions), and the accuracy."""
+    ev = greedy_accuracy(model, tok, problems, progress=progress)
+    section = {"problems": ev["n"], "accuracy": f"{ev['accuracy']:.1%}"} | {
+        f"sample {i}": f"`{s['prompt']}` -> `{s['completion']}` ({'right' if s['correct'] else 'wrong'})"
+        for i, s in enumerate(ev["samples"][:4])}
+    return section, ev["accuracy"]
+
+
 # ----------------------------------------------------------------------------- `nanoseek eval`
 def format_table(result: dict) -> str:
     """Per task and overall: n, greedy, pass@1 ± se, maj@k, pass@j, format rate, mean length."""
@@ -235,19 +265,19 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def load_problems(task_names: Sequence[str], n: int, seed: int) -> tuple[list[Problem], list[Task]]:
+def load_problems(task_names: Sequence[str], n: int, seed: int, **options) -> tuple[list[Problem], list[Task]]:
     """n held-out problems per task (distinct prompts; a JSONL file gives at most its held-out ones), or with
-    no names n problems of the built-in held-out mix."""
+    no names n problems of the built-in held-out mix; options (template, extractor) override each task's."""
     from nanoseek.data.builtin import heldout
     from nanoseek.data.tasks import get_task
 
     if n < 1:
         raise ValueError(f"--n {n} must be >= 1")
-    if not task_names:
-        return heldout(n, seed=seed), []
+    if not task_names:  # the built-in mix, posed as the options say
+        return [get_task(p.task, **options).pose(p) for p in heldout(n, seed=seed)], []
     problems, tasks = [], []
     for name in task_names:
-        task = get_task(name)
+        task = get_task(name, **options)
         size = task.size("heldout")  # a JSONL file's held-out problems: at most all of them
         problems += task.sample(min(n, size) if size else n, split="heldout", seed=seed, unique=True)
         tasks.append(task)
@@ -255,11 +285,12 @@ def load_problems(task_names: Sequence[str], n: int, seed: int) -> tuple[list[Pr
 
 
 def main(args) -> int:
-    """`nanoseek eval CHECKPOINT [--task ...] [--n] [--k] [--temperature] [--top-p] [--max-tokens] [--seed]
-    [--out FILE.json]`: print the table, write the JSON report."""
+    """`nanoseek eval CHECKPOINT [--task ...] [--template] [--extractor] [--n] [--k] [--temperature] [--top-p]
+    [--max-tokens] [--seed] [--out FILE.json]`: print the table, write the JSON report."""
     from nanoseek.hf import load_pretrained
 
-    problems, tasks = load_problems(args.task, args.n, args.seed)
+    options = {k: v for k, v in (("template", args.template), ("extractor", args.extractor)) if v}
+    problems, tasks = load_problems(args.task, args.n, args.seed, **options)
     pre = load_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, needs_tokenizer="evaluation")
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)  # validate early
     result = evaluate(pre.model, pre.tokenizer, problems, k=args.k, temperature=args.temperature, top_p=args.top_p,

@@ -40,6 +40,8 @@ class GRPOConfig:
     out_dir: str = "runs/grpo"
     tasks: str = "add,sub"  # comma-separated task names (built-in families or .jsonl files), mixed uniformly
     difficulty: int | None = None  # only problems of this level (None: each task's default mix)
+    template: str = ""  # for every task: chat, r1-zero, boxed or a string with {prompt} ("": each task's own)
+    extractor: str = ""  # for every task: answer_tag, boxed or module:function ("": each task's own)
     steps: int = 40
     prompts_per_step: int = 16
     group_size: int = 8  # G
@@ -74,6 +76,13 @@ class GRPOConfig:
     price_per_hour: float = 2.0
 
     def __post_init__(self):
+        from nanoseek.data.tasks import check_template
+        from nanoseek.data.tasks.answers import check_extractor
+
+        if self.template:
+            check_template(self.template)
+        if self.extractor:
+            check_extractor(self.extractor)
         choices = [("advantage", ADVANTAGES), ("loss_agg", AGGREGATIONS)]
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -104,6 +113,11 @@ class GRPOConfig:
         if not names:
             raise ValueError(f"tasks={self.tasks!r} names no task")
         return names
+
+    @property
+    def task_options(self) -> dict[str, str]:
+        """The template and extractor that override every task's own."""
+        return {k: v for k, v in (("template", self.template), ("extractor", self.extractor)) if v}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

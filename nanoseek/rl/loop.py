@@ -19,7 +19,7 @@ import copy
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,11 +28,13 @@ from tqdm import tqdm
 from nanoseek.config import apply_overrides
 from nanoseek.cost import gemm_peak, inference_flops_per_token, run_compute, train_flops_per_token
 from nanoseek.data.tasks import Problem, get_task, make_rng
+from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.hf import load_pretrained
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
-from nanoseek.report import plot_rl, write_report
-from nanoseek.rl.evaluate import evaluate
+from nanoseek.model import Transformer
+from nanoseek.report import compute_rows, plot_rl, write_report
+from nanoseek.rl.evaluate import evaluate, prompt_ids
 from nanoseek.rl.grpo import GRPOConfig, group_advantages, policy_loss, token_logprobs
 from nanoseek.rl.rewards import Rewards
 from nanoseek.runs import latest_checkpoint, load_tensors
@@ -58,7 +60,7 @@ def sample_problems(cfg: GRPOConfig, step: int) -> list[Problem]:
     for i, name in enumerate(names):
         n = picks.count(i)
         if n:
-            out += get_task(name).sample(n, "train", seed=cfg.seed * 1_000_003 + step, difficulty=cfg.difficulty,
+            out += get_task(name, **cfg.task_options).sample(n, "train", seed=cfg.seed * 1_000_003 + step, difficulty=cfg.difficulty,
                                          unique=True)
     return out
 
@@ -67,18 +69,20 @@ def sample_problems(cfg: GRPOConfig, step: int) -> list[Problem]:
 class Rollout:
     ids: torch.Tensor  # (N, S) prompt + completion, right-padded
     mask: torch.Tensor  # (N, S - 1) True where target ids[:, j + 1] is a completion token that gets loss
-    texts: list[str]
+    texts: list[str]  # what is scored: the prompt's opened think block + the completion
     lengths: list[int]  # completion tokens
     truncated: list[bool]
     prompt_tokens: int
 
 
 def rollout(engine: Engine, problems: list[Problem], cfg: GRPOConfig, step: int) -> Rollout:
-    """G completions per problem, all queued at once (continuous batching)."""
+    """G completions per problem, all queued at once (continuous batching); each prompt posed by its task's
+    template (`prompt_ids`), each text the opener of the prompt's think block + the completion (what is scored)."""
     tok = engine.tokenizer
-    requests = []
+    requests, openers = [], []
     for i, p in enumerate(problems):
-        ids = tok.apply_chat([{"role": "user", "content": p.prompt}])
+        ids, opener = prompt_ids(p, tok)
+        openers += [opener] * cfg.group_size
         if len(ids) > cfg.max_prompt_tokens:
             raise ValueError(f"a {p.task} prompt has {len(ids)} tokens > max_prompt_tokens={cfg.max_prompt_tokens}")
         for g in range(cfg.group_size):
@@ -95,8 +99,8 @@ def rollout(engine: Engine, problems: list[Problem], cfg: GRPOConfig, step: int)
         ids[n, : len(seq)] = torch.tensor(seq)
         if not (truncated[n] and cfg.mask_truncated):
             mask[n, len(r.prompt) - 1: len(seq) - 1] = True  # targets at positions of the completion tokens
-    return Rollout(ids, mask, [r.text for r in requests], [len(r.tokens) for r in requests], truncated,
-                   sum(len(r.prompt) for r in requests))
+    return Rollout(ids, mask, [o + r.text for o, r in zip(openers, requests)], [len(r.tokens) for r in requests],
+                   truncated, sum(len(r.prompt) for r in requests))
 
 
 def _logprobs(model, ids, mask, micro: int) -> torch.Tensor:
@@ -142,7 +146,7 @@ def update(model, optimizer, ref, batch: Rollout, adv: torch.Tensor, cfg: GRPOCo
 def heldout_eval(model, tok, cfg: GRPOConfig) -> dict:
     """Greedy accuracy and pass@1 over eval_k samples (T 0.6, top-p 0.95) on the tasks' held-out problems."""
     per_task = max(cfg.eval_problems // len(cfg.task_names), 1)
-    problems = [p for name in cfg.task_names for p in get_task(name).sample(
+    problems = [p for name in cfg.task_names for p in get_task(name, **cfg.task_options).sample(
         per_task, "heldout", seed=cfg.seed, difficulty=cfg.difficulty, unique=True)]
     overall = evaluate(model, tok, problems, k=cfg.eval_k, max_tokens=cfg.max_completion_tokens, seed=cfg.seed,
                        batch_size=256, progress=False)["overall"]
@@ -161,14 +165,27 @@ def _flops(cfg: GRPOConfig, model_cfg, batch: Rollout, ref: bool) -> float:
     return roll + train * (cfg.mu + forwards / 3)
 
 
-def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> dict:
+@dataclass
+class GRPOResult:
+    """A finished GRPO run: what `run_grpo` returns, and what `run` adds (report.md's sections and path)."""
+    model: Transformer  # the policy after the last step
+    tokenizer: Tokenizer
+    last: dict  # the last step record ({} if no step ran)
+    elapsed: float  # seconds of training, resumed parts included
+    flops: float  # model FLOPs of all steps (`_flops`)
+    peak_flops: float  # the measured GEMM peak
+    sections: dict[str, dict] = field(default_factory=dict)
+    report: Path | None = None
+
+
+def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> GRPOResult:
     run = Path(cfg.out_dir)
     ckpt = latest_checkpoint(run)
     if ckpt is not None and not resume:
         raise ValueError(f"{run} already holds a run (last checkpoint {ckpt.name}); pass --resume to continue it, "
                          f"or choose another out_dir")
     device = resolve_device(cfg.device)
-    pre = load_pretrained(cfg.init, device=device, needs_tokenizer="RL (to build prompts)")
+    pre = load_pretrained(cfg.init, device=device, dtype=torch.float32, needs_tokenizer="RL (to build prompts)")
     model, tok = pre.model, pre.tokenizer
     rewards = Rewards({"accuracy": cfg.accuracy_weight, "format": cfg.format_weight},
                       [f for f in cfg.reward_fns.split(",") if f.strip()])
@@ -257,34 +274,27 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> dict
     bar.close()
     log.close()
     samples.close()
-    return {"run_dir": str(run), "elapsed": elapsed, "flops": total_flops,
-            "peak_flops": gemm_peak(str(device), again=True), "last": record,
-            "model": model, "tokenizer": tok}
+    return GRPOResult(model, tok, record, elapsed, total_flops, gemm_peak(str(device), again=True))
 
 
-def run(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> dict:
+def run(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> GRPOResult:
     """GRPO, plots and report.md: what `nanoseek rl` does."""
     result = run_grpo(cfg, resume=resume, quiet=quiet)
     run_dir = Path(cfg.out_dir)
     plot_rl(run_dir)
     evals = [json.loads(line)["eval"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
              if '"eval"' in line]
-    compute = run_compute(1.0, result["flops"], result["elapsed"], price_per_hour=cfg.price_per_hour,
-                          peak=result["peak_flops"])
-    last = result["last"]
-    sections = {
+    result.sections = {
         "Run": {"policy": f"init {cfg.init}", "tasks": cfg.tasks, "steps": cfg.steps,
                 "prompts x group": f"{cfg.prompts_per_step} x {cfg.group_size}",
                 "algorithm": f"advantage {cfg.advantage}, loss {cfg.loss_agg}, eps [{cfg.epsilon_low}, "
                              f"{cfg.epsilon_high}], beta {cfg.beta}, mu {cfg.mu}",
-                "final reward": last.get("reward"), "wall time": f"{result['elapsed']:.0f} s"},
+                "final reward": result.last.get("reward"), "wall time": f"{result.elapsed:.0f} s"},
         "Held-out (before -> after)": {k: f"{evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in evals[0]}
         if len(evals) > 1 else {},
-        "Compute": {"total FLOPs": f"{result['flops']:.3e}", "MFU": f"{compute.get('mfu', float('nan')):.1%}",
-                    "device-hours": f"{compute['device_hours']:.4f}",
-                    "cost": f"${compute['cost']:.4f} at ${cfg.price_per_hour}/device-hour"},
+        "Compute": compute_rows(run_compute(1.0, result.flops, result.elapsed, price_per_hour=cfg.price_per_hour,
+                                            peak=result.peak_flops)),
         "Use it": {"chat": f"`nanoseek chat {cfg.out_dir}`", "serve": f"`nanoseek serve {cfg.out_dir}`"},
     }
-    result["sections"] = sections
-    result["report"] = write_report(run_dir, sections)
+    result.report = write_report(run_dir, result.sections)
     return result

@@ -1,7 +1,8 @@
 """Rule-based rewards (R1 section 2.2.2; r1-spec 2.1, 2.2, 4.3): accuracy, format, and user reward functions.
 
-A completion is the decoded assistant text after the prompt (which ends with `<|assistant|>`), end-of-text
-stripped, e.g. `<think>7+6=13 c1|4+8+1=13 c1|3+5+1=9 c0</think><answer>933</answer>`.
+A completion is the decoded assistant text after the prompt, end-of-text stripped, with the think block the
+prompt opened put back in front (`Prompt.opener`, rl/evaluate.py: R1's template ends with `<think>\\n`), e.g.
+`<think>7+6=13 c1|4+8+1=13 c1|3+5+1=9 c0</think><answer>933</answer>`.
 
     format    1 iff well-formed: optional leading whitespace, exactly one <think>...</think>, then only
               whitespace, exactly one non-empty <answer>...</answer>, then only whitespace (Logic-RL style:
@@ -11,6 +12,10 @@ stripped, e.g. `<think>7+6=13 c1|4+8+1=13 c1|3+5+1=9 c0</think><answer>933</answ
               no think tags). None, so no credit, when there is no such block, more than one <answer> tag
               anywhere (r1-spec 4.3: > 1 answer block -> 0), an answer only inside <think>, or broken think
               tags (repeated, nested, unclosed, out of order).
+    other extractors (per problem, `problem.extractor`: boxed, gsm8k, a user "module:function"; answers.py)
+              read the answer from the text after the one <think>...</think> (the whole text when there are
+              no think tags; None for broken think tags), so the reasoning is never searched; format is 1
+              iff that reasoning block is there, closed, and an answer follows it (R1: "within a box").
     total     sum_i w_i r_i. R1 adds accuracy and format with the same weight (Nature eq.4); the default here
               is TinyZero's accuracy 1.0, format 0.1, so format cannot dominate (r1-spec 4.3).
 
@@ -32,21 +37,17 @@ credit anywhere.
 from __future__ import annotations
 
 import difflib
-import hashlib
-import importlib
-import importlib.util
 import math
 import numbers
 import re
-import sys
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from pathlib import Path
 
 from nanoseek.data.tasks import TASKS, Problem, Task, parse_number
-from nanoseek.data.tokenizer import END_THINK, EOS, THINK
+from nanoseek.data.tasks.answers import ANSWER_TAG, load_function, reader
+from nanoseek.data.chat_template import END_THINK, EOS, THINK
 
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 DEFAULT_WEIGHTS = {"accuracy": 1.0, "format": 0.1}
@@ -67,8 +68,8 @@ class Parsed:
     well_formed: bool
 
 
-def parse_completion(text: str) -> Parsed:
-    """Split a completion into reasoning and answer (see the module docstring for the rules)."""
+def parse_completion(text: str, extractor: str = ANSWER_TAG) -> Parsed:
+    """Split a completion into reasoning and answer, the answer read by `extractor` (the module docstring)."""
     body = text.rstrip()
     if body.endswith(EOS):  # tolerated: callers that decode the stop token too
         body = body[: -len(EOS)]
@@ -79,6 +80,10 @@ def parse_completion(text: str) -> Parsed:
         reasoning, after = body[start:end], body[end + len(END_THINK):]
     elif n_open == n_close == 0:
         after = body
+    if extractor != ANSWER_TAG:
+        answer = reader(extractor)(after) if after is not None else None
+        answer = (answer.strip() or None) if answer is not None else None
+        return Parsed(reasoning, answer, reasoning is not None and answer is not None)
     answer = None
     if after is not None and body.count(ANSWER_OPEN) == 1 and body.count(ANSWER_CLOSE) == 1:
         m = _ANSWER_BLOCK.search(after)
@@ -196,56 +201,22 @@ def answer_correct(problem: Problem, answer: str | None, task: Task | None = Non
 
 
 def accuracy_reward(problem: Problem, text: str, task: Task | None = None) -> float:
-    """1.0 iff the completion's answer passes the checker (task None: the registry, or free-form for JSONL)."""
-    return float(answer_correct(problem, parse_completion(text).answer, task))
+    """1.0 iff the completion's answer (read by problem.extractor) passes the checker (task None: the registry,
+    or free-form for JSONL)."""
+    return float(answer_correct(problem, parse_completion(text, problem.extractor).answer, task))
 
 
-def format_reward(text: str) -> float:
-    """1.0 iff the completion is well-formed: `<think>...</think><answer>...</answer>`, nothing around."""
-    return float(parse_completion(text).well_formed)
+def format_reward(text: str, extractor: str = ANSWER_TAG) -> float:
+    """1.0 iff the completion is well-formed: `<think>...</think><answer>...</answer>`, nothing around (answer_tag);
+    a closed reasoning block and an answer after it (other extractors)."""
+    return float(parse_completion(text, extractor).well_formed)
 
 
 # ----------------------------------------------------------------------------- user reward functions
 def load_reward_fn(spec: str) -> Callable[[Problem, str], float]:
     """Import a user reward `fn(problem, text) -> float` from "package.module:function" or
     "path/to/file.py:function". The returned callable checks that each result is a finite number."""
-    spec = spec.strip()
-    module_name, sep, fn_name = spec.rpartition(":")
-    if not sep or not module_name or not fn_name:
-        raise ValueError(f"reward function {spec!r}: expected 'module:function' or 'path/to/file.py:function'")
-    if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
-        path = Path(module_name)
-        if not path.is_file():
-            raise ValueError(f"reward function {spec!r}: no such file {path}")
-        name = f"nanoseek_user_reward_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-        loader_spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(loader_spec)
-        sys.modules[name] = module
-        try:
-            loader_spec.loader.exec_module(module)
-        except Exception as e:
-            del sys.modules[name]
-            raise ValueError(f"reward function {spec!r}: importing {path} failed: {type(e).__name__}: {e}") from e
-    else:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as e:
-            if e.name and (module_name == e.name or module_name.startswith(e.name + ".")):
-                raise ValueError(f"reward function {spec!r}: no module named {e.name!r} (is it on sys.path? "
-                                 f"a file path needs the .py suffix)") from e
-            raise ValueError(f"reward function {spec!r}: importing {module_name} failed: {e}") from e
-        except Exception as e:
-            raise ValueError(f"reward function {spec!r}: importing {module_name} failed: "
-                             f"{type(e).__name__}: {e}") from e
-    if not hasattr(module, fn_name):
-        names = [n for n in vars(module) if not n.startswith("_") and callable(getattr(module, n))]
-        near = difflib.get_close_matches(fn_name, names, n=1)
-        raise ValueError(f"reward function {spec!r}: {module_name} has no {fn_name!r}"
-                         f"{f' (did you mean {near[0]!r}?)' if near else ''}; callables there: {sorted(names)}")
-    fn = getattr(module, fn_name)
-    if not callable(fn):
-        raise ValueError(f"reward function {spec!r}: {fn_name} is not callable ({type(fn).__name__})")
-    return checked(fn, spec)
+    return checked(load_function(spec, "reward function"), spec.strip())
 
 
 def checked(fn: Callable, label: str) -> Callable[[Problem, str], float]:
@@ -296,7 +267,7 @@ class Rewards:
         return list(self.weights)
 
     def __call__(self, problem: Problem, text: str) -> dict[str, float]:
-        parsed = parse_completion(text)
+        parsed = parse_completion(text, problem.extractor)
         task = resolve_task(problem, self.tasks)
         out = {"accuracy": float(answer_correct(problem, parsed.answer, task)), "format": float(parsed.well_formed)}
         for name, fn in self.user.items():

@@ -19,6 +19,7 @@ import math
 import os
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,7 +38,7 @@ from nanoseek.dist.parallel import (Parallel, all_reduce_mean, clip_grad_norm, c
 from nanoseek.hf import load_pretrained, locate
 from nanoseek.model import Transformer
 from nanoseek.model.fp8_linear import Recipe, to_fp8
-from nanoseek.report import plot_training, read_metrics, write_report
+from nanoseek.report import compute_rows, plot_training, read_metrics, write_report
 from nanoseek.runs import CheckpointError, latest_checkpoint
 from nanoseek.runtime import MetricsLog, resolve_device
 from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
@@ -131,11 +132,26 @@ class _NoLog:
         pass
 
 
-def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool = False, init=None) -> dict:
-    """Run (or resume) the loop to cfg.steps; returns a summary dict (also the last line of metrics).
-    `init(model)`, if given, edits the freshly initialized model (before any checkpoint is loaded).
-    Under torchrun every rank calls this; rank 0's summary holds the model (plain, final weights), the
-    others' None."""
+@dataclass
+class TrainResult:
+    """A finished run: what `train` returns, and what `run` adds for report.md (config, tokenizer, sections)."""
+    model: Transformer | None  # the final weights as one plain model; None on ranks other than 0
+    last: dict  # the last step record of metrics.jsonl ({} if no step ran)
+    elapsed: float  # seconds of training, resumed parts included
+    flops_per_token: float  # training, with MTP
+    peak_flops: float  # the measured GEMM peak per device (rank 0)
+    rank: int = 0
+    world: int = 1
+    config: TrainConfig | None = None  # run(): the config as trained (vocabulary from the tokenizer)
+    tokenizer: Tokenizer | None = None
+    sections: dict[str, dict] = field(default_factory=dict)  # run(): report.md's tables
+    report: Path | None = None
+
+
+def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool = False, init=None) -> TrainResult:
+    """Run (or resume) the loop to cfg.steps. `init(model)`, if given, edits the freshly initialized model
+    (before any checkpoint is loaded). Under torchrun every rank calls this; rank 0's result holds the model
+    (plain, final weights), the others' None."""
     if not launched():
         if cfg.ep > 1:
             raise ValueError(f"ep={cfg.ep} needs several processes: torchrun --nproc_per_node N -m nanoseek "
@@ -152,7 +168,8 @@ def train(cfg: TrainConfig, shard_dir: Path, resume: bool = False, quiet: bool =
         close(par)
 
 
-def _train(cfg: TrainConfig, shard_dir: Path, resume: bool, quiet: bool, init, par: Parallel | None) -> dict:
+def _train(cfg: TrainConfig, shard_dir: Path, resume: bool, quiet: bool, init, par: Parallel | None
+           ) -> TrainResult:
     run = Path(cfg.out_dir)
     run.mkdir(parents=True, exist_ok=True)
     device = par.device if par else resolve_device(cfg.device)
@@ -275,8 +292,7 @@ def _train(cfg: TrainConfig, shard_dir: Path, resume: bool, quiet: bool, init, p
     if par:  # the final weights as one plain model (what inference and evaluation take), on rank 0
         model = load_pretrained(latest_checkpoint(run), device=device).model.train() if rank == 0 else None
     peak = gemm_peak(str(device), again=True) if rank == 0 else peak
-    return {"run_dir": str(run), "steps": cfg.steps, "elapsed": elapsed, "peak_flops": peak,
-            "flops_per_token": flops_per_token, "last": record, "model": model, "rank": rank, "world": world}
+    return TrainResult(model, record, elapsed, flops_per_token, peak, rank, world)
 
 
 @torch.no_grad()
@@ -312,37 +328,32 @@ def resolve_data(cfg: TrainConfig, progress: bool = False) -> tuple[TrainConfig,
     return dataclasses.replace(cfg, model=model), shard_dir, tok
 
 
-def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> dict:
+def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> TrainResult:
     """Data, training, plots and report.md: what `nanoseek train` does before any evaluation. Under
-    torchrun only rank 0 reports (the others return their summary after training)."""
+    torchrun only rank 0 reports (the others return their result after training)."""
     quiet = quiet or int(os.environ.get("RANK", "0")) != 0
     cfg, shard_dir, tok = resolve_data(cfg, progress=not quiet)
     result = train(cfg, shard_dir, resume=resume, quiet=quiet)
-    result["config"] = cfg
-    if result.get("rank", 0) != 0:
+    result.config = cfg
+    if result.rank != 0:
         return result
     run_dir = Path(cfg.out_dir)
     plot_training(run_dir)
-    last = result["last"] or {}
+    last = result.last
     tokens = last.get("tokens", cfg.steps * cfg.tokens_per_step)
-    compute = run_compute(result["flops_per_token"], tokens, result["elapsed"], devices=result.get("world", 1),
-                          price_per_hour=cfg.price_per_hour, peak=result["peak_flops"])
+    device = resolve_device(cfg.device)
     _, evals = read_metrics(run_dir)
-    result["sections"] = {
+    result.sections = {
         "Run": {"model": f"{cfg.preset}: {cfg.model.summary()}", "data": str(shard_dir),
                 "steps": f"{last.get('step', cfg.steps)} x {cfg.tokens_per_step:,} tokens", "tokens": f"{tokens:,}",
                 "final train loss": last.get("loss"), "final validation loss": evals[-1]["val_loss"] if evals else None,
-                "wall time": f"{result['elapsed']:.0f} s"},
-        "Compute": {"FLOPs per token (training, with MTP)": f"{result['flops_per_token'] / 1e6:.1f} MFLOP",
-                    "total FLOPs": f"{compute['flops']:.3e}",
-                    "device": f"{result.get('world', 1)} x {resolve_device(cfg.device)}" if result.get("world", 1) > 1
-                    else str(resolve_device(cfg.device)),
-                    "measured GEMM peak": f"{result['peak_flops'] / 1e9:.0f} GFLOP/s",
-                    "MFU": f"{compute.get('mfu', float('nan')):.1%}",
-                    "device-hours": f"{compute['device_hours']:.4f}",
-                    "cost": f"${compute['cost']:.4f} at ${cfg.price_per_hour}/device-hour"},
+                "wall time": f"{result.elapsed:.0f} s"},
+        "Compute": {"FLOPs per token (training, with MTP)": f"{result.flops_per_token / 1e6:.1f} MFLOP",
+                    "device": f"{result.world} x {device}" if result.world > 1 else str(device),
+                    "measured GEMM peak": f"{result.peak_flops / 1e9:.0f} GFLOP/s",
+                    **compute_rows(run_compute(result.flops_per_token, tokens, result.elapsed, result.world,
+                                               cfg.price_per_hour, result.peak_flops))},
     }
-    result["report"] = write_report(run_dir, result["sections"])
-    result["tokenizer"] = tok
-    result["config"] = cfg
+    result.report = write_report(run_dir, result.sections)
+    result.tokenizer = tok
     return result

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 
+from nanoseek.data.chat_template import NANOSEEK_CHAT
 from nanoseek.data.tasks import TASKS
 from nanoseek.data.tokenizer import Tokenizer
 
@@ -21,6 +22,7 @@ class StubTokenizer:
         self.vocab_size, self.eos_id = vocab_size, vocab_size - 1 if eos_id is None else eos_id
         self.bos_id = self.eos_id - 1
         self.path, self.sha256 = None, "stub"
+        self.template = NANOSEEK_CHAT  # documents with "messages" render in nanoseek's format
 
     def encode_batch(self, texts):
         return [[int(t) for t in s.split()] for s in texts]

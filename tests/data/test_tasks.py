@@ -199,3 +199,80 @@ def test_canonical_answers_per_task():
     add, cd = TASKS["add"], TASKS["countdown"]
     assert add.canonical(" 007 ") == "7" and add.canonical("7.0") is None
     assert cd.canonical("3 * (7 + 1)") == "3*(7+1)" and cd.canonical("24") == "24" and cd.canonical("3**7") is None
+
+
+# ---------------------------------------------------------------- templates, extractors and real data layouts
+GSM8K_ROWS = [{"question": f"Tom has {i} apples and buys 1,000 more. How many?",
+               "answer": f"He has {i} + 1000 = <<{i}+1000={i + 1000}>>{i + 1000}.\n#### {i + 1000:,}"}
+              for i in range(30)] + [{"question": "How cold?", "answer": "It is -5.\n#### -5"},
+                                     {"question": "How much?", "answer": "Half of 1.5.\n#### 0.75"}]
+
+
+def test_gsm8k_layout_loads_without_conversion(tmp_path):
+    task = get_task(str(write_jsonl(tmp_path / "gsm8k.jsonl", GSM8K_ROWS)))
+    first, *_, cold, half = task.problems
+    assert first.prompt == GSM8K_ROWS[0]["question"] and first.answer == "1000"  # after ####, commas removed
+    assert cold.answer == "-5" and half.answer == "0.75"
+    assert first.reasoning == "He has 0 + 1000 = <<0+1000=1000>>1000."  # the worked solution, without ####
+    assert (task.template, task.extractor) == ("boxed", "boxed")  # posed as DeepSeekMath evaluates GSM8K
+    assert all((p.template, p.extractor) == ("boxed", "boxed") for p in task.sample(5, seed=1))
+    assert task.check(first, "1000.0") and task.check(first, "1000") and not task.check(first, "1,001")
+
+
+def test_math_layout_and_explicit_mappings(tmp_path):
+    rows = [{"problem": "Half of one?", "solution": r"It is $\boxed{\frac{1}{2}}$ or \boxed{\frac{1}{2}}.",
+             "level": "Level 1"}]
+    task = get_task(str(write_jsonl(tmp_path / "math.jsonl", rows)))
+    (p,) = task.problems
+    assert p.prompt == "Half of one?" and p.answer == r"\frac{1}{2}" and p.meta == {"level": "Level 1"}
+    assert (p.template, p.extractor) == ("boxed", "boxed")
+    custom = write_jsonl(tmp_path / "custom.jsonl", [{"q": "2+2?", "a": "so #### 4", "id": 1}])
+    (q,) = get_task(f"{custom}?prompt_field=q&answer_field=a&gold=gsm8k&template=r1-zero").problems
+    assert (q.prompt, q.answer, q.template, q.extractor) == ("2+2?", "4", "r1-zero", "answer_tag")
+    (tmp_path / "gold.py").write_text("def last_word(text):\n    return text.split()[-1]\n")
+    (r,) = load_jsonl_tasks(custom, prompt_field="q", answer_field="a", gold=f"{tmp_path / 'gold.py'}:last_word",
+                            extractor="boxed").problems
+    assert r.answer == "4" and r.extractor == "boxed" and r.meta == {"id": 1}
+    again = task.with_options(template="chat")  # JSONL options reload the file
+    assert again.problems[0].template == "chat" and again.problems[0].extractor == "boxed"
+
+
+@pytest.mark.parametrize("content, options, match", [
+    ('{"question": "a", "answer": "no marker"}\n', {}, r"t.jsonl:1: no gsm8k answer in 'answer'"),
+    ('{"problem": "a", "solution": "\\\\boxed{1"}\n', {}, r"t.jsonl:1: no boxed answer in 'solution'"),
+    ('{"question": "a", "answer": 3}\n', {}, r"'answer' must be a string, got int"),
+    ('{"prompt": "a", "answer": 1}\n', {"gold_field": "x"}, r"unknown option\(s\) \['gold_field'\]"),
+    ('{"prompt": "a", "answer": 1}\n', {"template": "r1zero"}, r"template 'r1zero'.*did you mean 'r1-zero'"),
+    ('{"prompt": "a", "answer": 1}\n', {"extractor": "box"}, r"answer reader 'box'.*did you mean 'boxed'"),
+    ('{"prompt": "a", "answer": 1}\n', {"gold": "answer_tag"}, r"not one of \['plain', 'boxed', 'gsm8k'\]"),
+])
+def test_jsonl_layout_errors(tmp_path, content, options, match):
+    (tmp_path / "t.jsonl").write_text(content)
+    with pytest.raises(ValueError, match=match):
+        load_jsonl_tasks(tmp_path / "t.jsonl", **options)
+
+
+def test_templates_and_options_in_task_names():
+    from nanoseek.data.tasks import BOXED_INSTRUCTION, R1_ZERO
+
+    p = TASKS["add"].generate(0, 3)
+    assert (p.template, p.extractor) == ("chat", "answer_tag")  # built-ins: the format they are trained on
+    assert p.posed() == [{"role": "user", "content": p.prompt}]
+    boxed = get_task("add?template=boxed&extractor=boxed").generate(0, 3)
+    assert boxed.prompt == p.prompt and (boxed.template, boxed.extractor) == ("boxed", "boxed")
+    assert boxed.posed() == [{"role": "user", "content": f"{p.prompt}\n{BOXED_INSTRUCTION}"}]
+    assert BOXED_INSTRUCTION == "Please reason step by step, and put your final answer within \\boxed{}."
+    zero = get_task("add?template=r1-zero").sample(3, seed=2)
+    assert all(q.posed() == R1_ZERO.replace("{prompt}", q.prompt) for q in zero)
+    assert zero[0].posed().startswith("A conversation between User and Assistant. The user asks a question")
+    assert zero[0].posed().endswith(f"<answer> answer here </answer>. User: {zero[0].prompt}. Assistant:")
+    custom = get_task("sub?template=Q%3A {prompt} \\boxed{} A%26B%3A <think>").generate(1, 2)  # URL-quoted
+    assert custom.posed() == f"Q: {custom.prompt} \\boxed{{}} A&B: <think>"
+    noisy = get_task("add?p_err=0.5&template=r1-zero")
+    assert noisy.p_err == 0.5 and noisy.template == "r1-zero" and TASKS["add"].template == "chat"
+    with pytest.raises(ValueError, match="option p_err='x' must be a float"):
+        get_task("add?p_err=x")
+    with pytest.raises(ValueError, match="option 'template' is not key=value"):
+        get_task("add?template")
+    with pytest.raises(ValueError, match=r"unknown option 'templat'; options: \['op', 'p_err', 'template', "):
+        get_task("add?templat=chat")

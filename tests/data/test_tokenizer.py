@@ -5,7 +5,7 @@ import pytest
 from nanoseek.cli import main
 from nanoseek.data.documents import iter_documents
 from nanoseek.data.tasks import TASKS
-from nanoseek.data.tokenizer import SPECIAL_TOKENS, Tokenizer, render_chat
+from nanoseek.data.tokenizer import SPECIAL_TOKENS, Tokenizer
 from tests.data.conftest import MIXED_TEXT, write_jsonl
 
 ROUND_TRIP = [
@@ -44,9 +44,10 @@ def test_round_trip_random_unicode(tokenizer):
 
 
 def test_special_tokens(tokenizer):
-    ids = [tokenizer.bos_id, tokenizer.eos_id, tokenizer.user_id, tokenizer.assistant_id, tokenizer.think_id,
-           tokenizer.end_think_id]
+    ids = [tokenizer.token_to_id(s) for s in SPECIAL_TOKENS]
     assert ids == [0, 1, 2, 3, 4, 5]  # bos 0 / eos 1 match ModelConfig's defaults
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id, tokenizer.chat_markers) == (0, 1, 1, (2, 3))
+    assert tokenizer.stop_ids == {1}
     for s, i in zip(SPECIAL_TOKENS, ids):
         assert tokenizer.encode(s) == [i]
         assert tokenizer.decode([i]) == s
@@ -69,18 +70,20 @@ def test_encode_batch_matches_encode(tokenizer):
 def test_chat_format(tokenizer):
     p = TASKS["add"].generate(3, 3)
     msgs = p.messages()
-    assert render_chat(msgs) == "<|begin_of_text|>" + p.document + "<|end_of_text|>"
+    assert tokenizer.render_chat(msgs) == "<|begin_of_text|>" + p.document + "<|end_of_text|>"
+    assert tokenizer.template.document(msgs) == p.document
     ids = tokenizer.apply_chat(msgs)
     assert ids == tokenizer.encode(p.document, bos=True, eos=True)  # as documents are framed in the shards
     prompt = tokenizer.apply_chat(msgs[:1])
-    assert prompt == [tokenizer.bos_id, tokenizer.user_id, *tokenizer.encode(p.prompt), tokenizer.assistant_id]
+    assert prompt == [tokenizer.bos_id, 2, *tokenizer.encode(p.prompt), 3]  # <|user|> ... <|assistant|>
     assert ids[:len(prompt)] == prompt
     assert tokenizer.apply_chat(msgs[:1], add_generation_prompt=False) == prompt[:-1]
     with_reasoning = [msgs[0], {"role": "assistant", "content": "<answer>1</answer>", "reasoning": "1+0=1 c0"}]
-    assert render_chat(with_reasoning).endswith("<|assistant|><think>1+0=1 c0</think><answer>1</answer><|end_of_text|>")
+    assert tokenizer.render_chat(with_reasoning).endswith("<|assistant|><think>1+0=1 c0</think><answer>1</answer><|end_of_text|>")
 
 
-def test_system_messages_go_before_the_first_user_turn():
+def test_system_messages_go_before_the_first_user_turn(tokenizer):
+    render_chat = tokenizer.render_chat
     system = [{"role": "system", "content": "Be brief."}, {"role": "system", "content": "Answer in digits."}]
     turns = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
              {"role": "user", "content": "2+2?"}]
@@ -89,17 +92,18 @@ def test_system_messages_go_before_the_first_user_turn():
 
 
 @pytest.mark.parametrize("messages, match", [
-    ([{"role": "tool", "content": "x"}], "role='tool'"),
+    ([{"role": "robot", "content": "x"}], "role='robot': allowed roles are"),
+    ([{"role": "tool", "content": "x"}], "role tool is not one of system, user, assistant"),
     ([{"role": "system", "content": "x"}], "not followed by a user turn"),
-    ([{"role": "user", "content": "a"}, {"role": "system", "content": "x"}], "before the conversation's first"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "x"}], "before the first user turn"),
     ([{"role": "system", "content": "x"}, {"role": "assistant", "content": "a"}], "followed by a user turn"),
-    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], "alternate"),
     ([{"role": "user", "content": 3}], "must be a string"),
+    ([], "non-empty list"),
 ])
-def test_chat_errors(messages, match):
+def test_chat_errors(tokenizer, messages, match):
     """Bad roles and orders are refused, each with a message that says which rule."""
     with pytest.raises(ValueError, match=match):
-        render_chat(messages)
+        tokenizer.render_chat(messages)
 
 
 def test_save_load_and_train_from_files(tokenizer, tmp_path):

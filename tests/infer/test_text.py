@@ -1,7 +1,7 @@
 import pytest
 
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.infer.text import ReasoningSplitter, TextStream, split_reasoning
+from nanoseek.infer.text import ReasoningSplitter, TextStream, readable, split_reasoning
 
 TEXT = "<think>2+2: 二加二 is 4 🎉</think>The answer is 4.<|end_of_text|>"
 
@@ -44,3 +44,25 @@ def test_streaming_split_equals_the_whole_split():
     sp = ReasoningSplitter()
     parts = [sp.push(text[i:i + 3]) for i in range(0, len(text), 3)]
     assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == split_reasoning(text)
+
+
+@pytest.mark.parametrize("text, want", [("step 1</think>\n\nIt is <answer>4</answer>", ("step 1", "It is <answer>4</answer>")),
+                                        ("still thinking", ("still thinking", "")), ("</think>x", ("", "x"))])
+def test_a_think_block_opened_by_the_prompt(text, want):
+    """R1's template opens `<think>\\n` in the prompt: the completion continues the reasoning, whole or streamed."""
+    opened = "<think>\n"
+    whole = split_reasoning(text, opened)
+    assert whole == want
+    sp = ReasoningSplitter(opened)
+    parts = [sp.push(text[i:i + 2]) for i in range(0, len(text), 2)]
+    assert ("".join(r for r, _ in parts), "".join(c for _, c in parts)) == whole
+    assert split_reasoning(text) == ("", text)  # without the opener it would all be answer
+
+
+def test_readable_drops_answer_tags_and_holds_back_partial_ones():
+    assert readable("It is <answer>4</answer>.") == "It is 4."
+    text = "x <answer>12</answer>"
+    streamed = [readable(text[:k], final=False) for k in range(len(text) + 1)]
+    assert all(b.startswith(a) for a, b in zip(streamed, streamed[1:]))  # never takes back shown text
+    assert "<" not in "".join(streamed) and readable(text) == "x 12"
+    assert readable("a <ans", final=False) == "a " and readable("a <ans") == "a <ans"

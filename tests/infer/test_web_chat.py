@@ -1,6 +1,7 @@
 """The web chat page in headless Chromium (Debian's chromium + chromedriver, driven by Selenium, offline):
 type a message, send it, and the streamed answer on the page is the API's answer to the same request."""
 
+import re
 from pathlib import Path
 
 import openai
@@ -9,6 +10,7 @@ from selenium import webdriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
+from nanoseek.infer.text import readable
 from tests.conftest import tiny_model
 from tests.infer.conftest import NAME, live_server
 from tests.infer.test_server import REASONING, script
@@ -67,13 +69,15 @@ def test_chat_page_streams_the_api_answer(browser, tokenizer, monkeypatch):  # n
         assert answer.get_attribute("data-finish-reason") == expected.finish_reason
         assert browser.find_element(By.CSS_SELECTOR, ".message.user .content").text == "Hello"
 
-        script(app.state.worker.engine, monkeypatch, REASONING)  # a model that thinks first
+        # a model that thinks first, and answers in R1-Zero's tags, split across deltas
+        script(app.state.worker.engine, monkeypatch, [*REASONING[:-1], " <ans", "wer>4</an", "swer>."])
         send(browser, "What is 2 + 2?")
         answer = finished_answer(browser, 2)
         reasoning = answer.find_element(By.CSS_SELECTOR, ".reasoning")
         assert reasoning.is_displayed() and reasoning.get_attribute("open") is None  # folded once answered
+        assert re.fullmatch(r"Thought for \d+\.\d s", text(browser, answer, "summary"))  # no "Thinking…" left
         assert text(browser, answer, ".reasoning-text") == "Two and two."
-        assert text(browser, answer, ".content") == "It is 4."
+        assert text(browser, answer, ".content") == readable("It is <answer>4</answer>.") == "It is 4."
 
         browser.find_element(By.ID, "temperature").send_keys("9")  # "09" > 2: the server's 400 is shown
         send(browser, "Again")

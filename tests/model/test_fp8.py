@@ -293,10 +293,11 @@ def test_fp8_export_is_v3_format_and_loads_back(tiny_run, tmp_path, scale_fmt):
                 f"model.layers.{L}.eh_proj.weight", "model.layers.0.input_layernorm.weight"):
         assert key in sd and key + "_scale_inv" not in sd  # V3 keeps these in high precision
     back = load_pretrained(out).model
-    ids = torch.randint(0, ours.config.vocab_size, (2, 40))
+    ids = torch.randint(0, ours.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         a, b = back(ids).logits, ours(ids).logits
-    assert 0 < (a - b).norm() / b.norm() < 0.05  # within the weights' quantization error
+    # within the weights' quantization error (0.04-0.055 over seeds; a wrong scale or layout gives ~1)
+    assert 0 < (a - b).norm() / b.norm() < 0.08
 
 
 def test_transformers_reads_our_fp8_export(tiny_run, tmp_path):

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from nanoseek.cli import main
+from nanoseek.data.shards import ShardSet
 from nanoseek.data.tasks import get_task
 from nanoseek.hf import load_pretrained
 from nanoseek.infer.engine import Engine
@@ -45,6 +46,22 @@ def test_distill_command_trains_a_student_on_verified_samples(tiny_run, tmp_path
     assert all(task.check(p, p.answer) for p in task.sample(1))
     assert (out / "student" / "checkpoints" / "latest").is_file()
     assert "student report" in capsys.readouterr().out
+
+
+def test_a_student_folder_learns_from_the_teachers_texts_in_its_own_tokens(tiny_run, deepseek_folder, tmp_path,
+                                                                          monkeypatch):
+    """A nanoseek teacher, a DeepSeek student (init=FOLDER): the verified texts are rendered with the student's
+    chat template and tokenized by its tokenizer, and the student fine-tunes on them."""
+    run, _ = tiny_run
+    monkeypatch.setattr(distill_mod, "sample_teacher", lambda model, tok, problems, cfg, progress: [
+        [p.completion] * cfg.k for p in problems])
+    out = tmp_path / "distill"
+    assert main(["distill", f"distill.teacher={run}", f"distill.out_dir={out}", "distill.tasks=add",
+                 "distill.prompts=200", "distill.k=1", f"init={deepseek_folder}", "steps=2", "batch_size=2",
+                 "data.seq_len=16", "eval_every=2", "eval_batches=1", "ckpt_every=2", "mtp_lambda=0", "--quiet"]) == 0
+    tok = ShardSet.open(out / "shards").tokenizer()
+    assert tok.path.parent.resolve() == deepseek_folder.resolve() and tok.chat_markers[1] == tok.token_to_id("<｜Assistant｜>")
+    assert (out / "student" / "checkpoints" / "latest").is_file()
 
 
 def test_teacher_sampling_is_the_engines_seeded_sampling(tiny_run):

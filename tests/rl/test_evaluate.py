@@ -1,5 +1,6 @@
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 
@@ -24,6 +25,11 @@ from nanoseek.rl.rewards import accuracy_reward
 ])
 def test_extract_answer(text, want):
     assert extract_answer(text) == want
+
+
+def test_extract_answer_per_extractor():
+    text = "<think>\\boxed{1} <answer>1</answer></think>\\boxed{2} then \\boxed{\\frac{3}{4}}"
+    assert extract_answer(text, "boxed") == "\\frac{3}{4}" and extract_answer(text) is None
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -167,9 +173,14 @@ def test_evaluate_reference_completions_score_perfectly(monkeypatch):
     problems = heldout(5, seed=1)
     by_prompt = {p.prompt: p for p in problems}
 
-    class Tok:
-        def apply_chat(self, messages):
+    class Tok:  # "ids" are the prompt text
+        template = SimpleNamespace(reasoning_opener="")
+
+        def apply_chat(self, messages, add_generation_prompt=True):
             return messages[0]["content"]
+
+        def decode(self, ids):
+            return ids
 
     def fake(model, tokenizer, prompts, params, batch_size=64, speculative=False, progress=True):
         return [(by_prompt[p].completion, 12, "stop") for p in prompts]

@@ -1,5 +1,6 @@
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -150,3 +151,23 @@ def test_grpo_resumes_exactly(rl_cfg):
                         for r in rs]
     assert strip(resumed) == strip(straight)
     assert all(r["kl"] > 0 for r in resumed)  # beta > 0: the policy moves away from the reference
+
+
+def test_grpo_from_a_deepseek_folder_on_a_gsm8k_file(deepseek_r1_folder, tmp_path):
+    """`rl init=FOLDER` on GSM8K's own file layout: R1's template opens <think> in the prompt, the boxed answer is
+    read after </think>, GRPO steps run and the run keeps the folder's tokenizer."""
+    from nanoseek.cli import main
+
+    rows = [{"question": f"Sam has {i} pens and buys {i} more. How many pens?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"}
+            for i in range(40)]
+    (tmp_path / "gsm8k.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "rl"
+    assert main(["rl", f"init={deepseek_r1_folder}", f"out_dir={out}", f"tasks={tmp_path / 'gsm8k.jsonl'}", "steps=2",
+                 "prompts_per_step=2", "group_size=2", "max_completion_tokens=6", "max_prompt_tokens=128",
+                 "eval_problems=0", "ckpt_every=2", "sample_every=1", "--quiet"]) == 0
+    assert len(records(SimpleNamespace(out_dir=out))) == 2
+    samples = [json.loads(line) for line in open(out / "samples.jsonl")]
+    assert all(s["completion"].startswith("<think>\n") for s in samples)  # scored as the opener + completion
+    from nanoseek.hf import load_pretrained
+
+    assert load_pretrained(out).tokenizer.template.reasoning_opener == "<think>\n"

@@ -220,3 +220,64 @@ def test_rewards_resolve_jsonl_tasks(tmp_path):
     task = _jsonl_task(tmp_path, [{"prompt": "half", "answer": "1/2"}])
     r = Rewards(tasks=[task])
     assert r(task.problems[0], r"<think></think><answer>\frac{1}{2}</answer>")["accuracy"] == 1.0
+
+
+# ----------------------------------------------------------------------------- answer extractors
+GSM = Problem("Tom has 72 apples. How many?", "", "72", "jsonl:gsm8k", 0, extractor="boxed")
+
+
+@pytest.mark.parametrize("text, accuracy, fmt", [
+    (r"<think>count them</think>The answer is $\boxed{72}$.", 1, 1),
+    ("<think>\nline 1\nline 2\n</think>\n\n" + r"\boxed{72}<|end_of_text|>", 1, 1),
+    (r"<think>x</think>\boxed{5} no wait, \boxed{72}", 1, 1),  # several boxes: the last
+    (r"<think>x</think>\boxed{72} no wait, \boxed{5}", 0, 1),
+    (r"<think>x</think>\boxed{\frac{144}{2}}", 1, 1),  # nested braces, then math-verify
+    (r"<think>x</think>\boxed{72.0}", 1, 1), (r"<think>x</think>\boxed 72", 1, 1),
+    (r"<think>\boxed{72}</think>so it is \boxed{5}", 0, 1),  # a box inside the reasoning is never read
+    (r"<think>\boxed{72}</think>so it is 72", 0, 0),
+    (r"<think>I think \boxed{72}", 0, 0),  # the reasoning never closed (truncated)
+    (r"<think>x</think>\boxed{72", 0, 0),  # an unclosed box
+    (r"\boxed{72}", 1, 0),  # no reasoning block: right, not well-formed
+    (r"<think>x</think><think>y</think>\boxed{72}", 0, 0),  # broken think tags
+    ("<think>x</think><answer>72</answer>", 0, 0),  # the wrong format for this task
+    (r"<think>x</think>\boxed{}", 0, 0),
+    ("<think>x</think>" + "\\boxed{" * 100_000, 0, 0),  # adversarial: bounded work
+])
+def test_boxed_answers(text, accuracy, fmt):
+    t0 = time.perf_counter()
+    assert accuracy_reward(GSM, text) == accuracy
+    assert format_reward(text, "boxed") == fmt
+    assert Rewards()(GSM, text)["total"] == pytest.approx(accuracy + 0.1 * fmt)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_boxed_latex_and_thousands():
+    half = Problem("half?", "", r"\frac{1}{2}", "jsonl:math", 0, extractor="boxed")
+    assert accuracy_reward(half, r"<think></think>\boxed{\dfrac{1}{2}}") == 1.0
+    assert accuracy_reward(half, r"<think></think>\boxed{0.5}") == 1.0
+    assert accuracy_reward(half, r"<think></think>\boxed{\frac{1}{3}}") == 0.0
+    big = Problem("big?", "", "1234", "jsonl:gsm8k", 0, extractor="boxed")
+    assert accuracy_reward(big, r"<think></think>\boxed{1,234}") == 1.0
+
+
+def test_gsm8k_style_and_user_extractors(tmp_path):
+    hashes = Problem("q", "", "-3", "jsonl:g", 0, extractor="gsm8k")
+    assert accuracy_reward(hashes, "<think>#### 7</think>so\n#### -3") == 1.0
+    (tmp_path / "extract.py").write_text(
+        "def last_line(text):\n    lines = text.strip().splitlines()\n    return lines[-1] if lines else None\n"
+        "def seen(text):\n    SEEN.append(text)\n    return None\nSEEN = []\n"
+        "def broken(text):\n    return 7\n")
+    user = Problem("q", "", "72", "jsonl:g", 0, extractor=f"{tmp_path / 'extract.py'}:last_line")
+    assert accuracy_reward(user, "<think>a\n72</think>\nthe answer:\n 72 ") == 1.0
+    assert accuracy_reward(user, "<think>a\n72</think>\n71") == 0.0
+    assert format_reward("<think>a</think>\n72", user.extractor) == 1.0 and format_reward("72", user.extractor) == 0
+    spy = Problem("q", "", "72", "jsonl:g", 0, extractor=f"{tmp_path / 'extract.py'}:seen")
+    accuracy_reward(spy, "<think>secret 72</think>shown")
+    import sys
+    module = next(m for m in sys.modules.values() if getattr(m, "__file__", None) == str(tmp_path / "extract.py"))
+    assert module.SEEN == ["shown"]  # the user function never sees the reasoning
+    bad = Problem("q", "", "72", "jsonl:g", 0, extractor=f"{tmp_path / 'extract.py'}:broken")
+    with pytest.raises(ValueError, match=r"returned 7 \(int\); it must return a string or None"):
+        accuracy_reward(bad, "<think></think>72")
+    with pytest.raises(ValueError, match="answer reader 'boxd'"):
+        parse_completion("x", "boxd")

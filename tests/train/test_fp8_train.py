@@ -34,10 +34,10 @@ def test_fp8_training_lowers_the_loss_and_tracks_fp32(make_cfg, tmp_path):
         cfg, shards, _ = resolve_data(make_cfg("steps=12", "optim.lr=5e-3", "eval_every=12", "ckpt_every=12",
                                                f"precision={precision}", out=precision))
         runs[precision] = train(cfg, shards, quiet=True)
-    fp8 = runs["fp8"]["model"]
+    fp8 = runs["fp8"].model
     assert isinstance(fp8.layers[0].self_attn.q_a_proj, FP8Linear) and isinstance(fp8.layers[1].mlp.experts,
                                                                                    FP8Experts)
-    assert not isinstance(runs["default"]["model"].layers[0].self_attn.q_a_proj, FP8Linear)
+    assert not isinstance(runs["default"].model.layers[0].self_attn.q_a_proj, FP8Linear)
     a, b = losses(tmp_path / "default"), losses(tmp_path / "fp8")
     assert a[0] == pytest.approx(b[0], rel=1e-2)  # the same model and batch, FP8 GEMMs
     assert sum(b[-3:]) / 3 < sum(b[:3]) / 3 - 0.5
@@ -56,7 +56,7 @@ def test_fp8_resume_with_bf16_moments_is_bit_exact(make_cfg, tmp_path):
     cfg2, _, _ = resolve_data(make_cfg(*extra, out="killed"))
     resumed = train(cfg2, shards, resume=True, quiet=True)
     assert losses(killed) == losses(tmp_path / "full")
-    for (n, a), (_, b) in zip(full["model"].state_dict().items(), resumed["model"].state_dict().items()):
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), n
     from safetensors.torch import load_file
 

@@ -35,7 +35,7 @@ def test_loss_falls_and_artifacts_exist(make_cfg, tmp_path):
         assert (tmp_path / "run" / f).is_file(), f
     report = (tmp_path / "run" / "report.md").read_text()
     assert "total FLOPs" in report and "device-hours" in report and "MFU" in report
-    assert result["config"].model.vocab_size % 64 == 0
+    assert result.config.model.vocab_size % 64 == 0
 
 
 def test_resume_is_bit_exact(make_cfg, tmp_path):
@@ -50,7 +50,7 @@ def test_resume_is_bit_exact(make_cfg, tmp_path):
     resumed = train(cfg2, shard_dir, resume=True, quiet=True)
     assert records(killed) == records(tmp_path / "full")
     assert records(killed, "val_loss") == records(tmp_path / "full", "val_loss")
-    for (n, a), (_, b) in zip(full["model"].state_dict().items(), resumed["model"].state_dict().items()):
+    for (n, a), (_, b) in zip(full.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), n
     a = load_file(tmp_path / "full/checkpoints/step_000008/optimizer.safetensors")
     b = load_file(killed / "checkpoints/step_000008/optimizer.safetensors")
@@ -75,7 +75,7 @@ def test_kill_at_any_moment_leaves_a_good_checkpoint(make_cfg, tmp_path):
     assert 10 <= step < 400
     cfg2, shard_dir, _ = resolve_data(make_cfg("steps=400", "ckpt_every=2", "eval_every=1000", out="proc"))
     result = train(cfg2, shard_dir, resume=True, quiet=True)
-    assert result["last"]["step"] == 400
+    assert result.last["step"] == 400
     steps = [r["step"] for r in records(tmp_path / "proc")]
     assert steps == list(range(1, 401))
 
@@ -97,7 +97,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(make_cfg, tmp_path, monk
     monkeypatch.setattr(ckpt_mod, "save_file", real)
     assert (tmp_path / "run/checkpoints/latest").read_text() == "step_000004"
     result = train(cfg, shard_dir, resume=True, quiet=True)
-    assert result["last"]["step"] == 8
+    assert result.last["step"] == 8
 
 
 def test_corrupt_or_incompatible_checkpoints_are_named(make_cfg, tmp_path):
@@ -139,7 +139,7 @@ def test_gradient_accumulation_matches_one_big_batch(make_cfg):
     ra, rb = records(Path(cfg_a.out_dir)), records(Path(cfg_b.out_dir))
     for x, y in zip(ra, rb):
         assert x["main"] == pytest.approx(y["main"], rel=1e-5)
-    for (n, p), (_, q) in zip(a["model"].named_parameters(), b["model"].named_parameters()):
+    for (n, p), (_, q) in zip(a.model.named_parameters(), b.model.named_parameters()):
         torch.testing.assert_close(p, q, atol=1e-5, rtol=1e-4, msg=n)
 
 

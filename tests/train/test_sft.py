@@ -32,9 +32,10 @@ def test_loader_ignores_everything_but_assistant_turns(shard_dir):
     assert torch.equal(y[kept], y_all[kept])
     assert 0.2 < kept.float().mean() < 0.95
     # no prompt token is a target: user/bos tags and the assistant tag itself never are
-    for special in (tok.user_id, tok.bos_id, tok.assistant_id):
+    user, assistant = tok.chat_markers
+    for special in (user, tok.bos_id, assistant):
         assert not (y[kept] == special).any()
-    assert (y[kept] == tok.eos_id).any() and (y[kept] == tok.think_id).any()
+    assert (y[kept] == tok.eos_id).any() and (y[kept] == tok.token_to_id("<think>")).any()
 
 
 def test_chat_jsonl_becomes_chat_documents(tmp_path, shard_dir):
@@ -74,3 +75,27 @@ def test_masking_a_one_row_batch_leaves_the_inputs_alone(shard_dir):
     loader = TokenLoader(shard_dir, "val", batch_size=1, seq_len=64, loss_on="assistant")
     x, y = next(loader.val_batches(1))
     assert (x >= 0).all() and (y == -100).any()
+
+
+def test_sft_from_a_deepseek_folder(deepseek_folder, tmp_path):
+    """`prepare --tokenizer FOLDER` renders chats with DeepSeek's template; `sft init=FOLDER` starts from the folder's
+    weights, masks the loss to <｜Assistant｜> turns, learns, and its run serves with the folder's tokenizer."""
+    rows = [{"messages": [{"role": "user", "content": f"What is {a}+{b}?"},
+                          {"role": "assistant", "content": f"{a + b}"}]} for a in range(20) for b in range(10)]
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main(["prepare", "--input", str(tmp_path / "chat.jsonl"), "--tokenizer", str(deepseek_folder),
+                 "--out", str(tmp_path / "shards"), "--val-fraction", "0.1"]) == 0
+    shards = ShardSet.open(tmp_path / "shards")
+    tok = shards.tokenizer()
+    first = np.asarray(shards.arrays("train")[0])[:12].tolist()
+    assert tok.decode(first).startswith("<｜begin▁of▁sentence｜><｜User｜>What is")  # one bos: the shard frame
+    out = tmp_path / "sft"
+    assert main(["sft", f"init={deepseek_folder}", f"data.path={tmp_path / 'shards'}", f"out_dir={out}", "steps=6",
+                 "batch_size=4", "data.seq_len=32", "optim.lr=3e-3", "optim.warmup_steps=0", "eval_every=6", "log_every=1",
+                 "eval_batches=1", "ckpt_every=6", "mtp_lambda=0", "--quiet"]) == 0
+    losses = [r["main"] for r in map(json.loads, open(out / "metrics.jsonl")) if "main" in r]
+    assert len(losses) == 6 and losses[-1] < losses[0]
+    from nanoseek.hf import load_pretrained
+
+    pre = load_pretrained(out)
+    assert pre.tokenizer.template.source == tok.template.source and pre.tokenizer.stop_ids == tok.stop_ids

@@ -19,6 +19,15 @@ right; `problem.meta` holds nums and target). `task.check(problem, answer)` is t
 predicate on an already extracted answer string; parsing completions and scoring them is the rewards'
 job (rl/rewards.py).
 
+Templates and answer formats (R1 section 2.2.3, r1-spec 2.3), per task (options `template`, `extractor`; every
+problem carries its task's): the template poses the prompt, `chat` (the model's chat template, user turn =
+prompt), `boxed` (chat, with R1's and DeepSeekMath's "Please reason step by step, and put your final answer
+within \\boxed{}." on a line after the prompt), `r1-zero` (R1-Zero's raw-text template, R1 Table 1, for base
+models) or any string with `{prompt}` (raw text); the extractor reads the answer, `answer_tag` (R1-Zero's
+<answer>...</answer>), `boxed`, `gsm8k` or a user "module:function" (answers.py). Built-in families default to
+chat + answer_tag, the format they are trained on. Options go in the task name too: "add?template=r1-zero",
+"gsm8k.jsonl?extractor=boxed&template=boxed" (values URL-quoted: %26 for &, %2C for a comma).
+
 Held-out split (r1-spec 4.3): a prompt is held out iff int(sha1(prompt)) % 10 == 0. It depends on the
 prompt string only, so it is stable across runs, seeds and difficulty mixes; training data is drawn from
 the "train" split only and evaluation from "heldout".
@@ -30,6 +39,7 @@ trace is off by one with probability p_err, and the written answer follows the (
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import hashlib
@@ -38,8 +48,10 @@ import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import ClassVar
+from urllib.parse import unquote
 
-from nanoseek.data.tokenizer import ASSISTANT, END_THINK, THINK, USER
+from nanoseek.data.tasks.answers import ANSWER_TAG, check_extractor
+from nanoseek.data.chat_template import ASSISTANT, END_THINK, THINK, USER
 
 SPLITS = ("train", "heldout")
 HELDOUT_MOD = 10
@@ -66,6 +78,8 @@ class Problem:
     difficulty: int
     meta: dict = field(default_factory=dict, compare=False)  # what a checker needs beyond the answer
     written_answer: str | None = None  # the answer a noisy trace arrives at, when it differs (p_err)
+    template: str = "chat"  # how the prompt is posed (TEMPLATES, or a string with {prompt})
+    extractor: str = ANSWER_TAG  # how the final answer is read (answers.py)
 
     @property
     def completion(self) -> str:
@@ -84,6 +98,32 @@ class Problem:
 
     def messages(self) -> list[dict]:
         return [{"role": "user", "content": self.prompt}, {"role": "assistant", "content": self.completion}]
+
+    def posed(self) -> list[dict] | str:
+        """The prompt as its template poses it: the user turn for the model's chat template (`chat`, `boxed`),
+        or raw text (`r1-zero`, a custom string; {prompt} replaced, so other braces stay as written)."""
+        if self.template in ("chat", "boxed"):
+            extra = f"\n{BOXED_INSTRUCTION}" if self.template == "boxed" else ""
+            return [{"role": "user", "content": self.prompt + extra}]
+        return TEMPLATES.get(self.template, self.template).replace("{prompt}", self.prompt)
+
+
+R1_ZERO = ("A conversation between User and Assistant. The user asks a question, and the Assistant solves it. The "
+           "assistant first thinks about the reasoning process in the mind and then provides the user with the "
+           "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
+           "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
+           "User: {prompt}. Assistant:")  # R1 Table 1, verbatim
+BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+TEMPLATES = {"chat": None, "boxed": None, "r1-zero": R1_ZERO}  # name -> raw text (None: the chat template)
+
+
+def check_template(template: str) -> str:
+    """template, once it names a template or is a string with {prompt}."""
+    if template not in TEMPLATES and "{prompt}" not in template:
+        near = difflib.get_close_matches(template, TEMPLATES, n=1)
+        raise ValueError(f"template {template!r}: not one of {list(TEMPLATES)}"
+                         f"{f' (did you mean {near[0]!r}?)' if near else ''} nor a string with {{prompt}}")
+    return template
 
 
 def parse_number(s: str, max_chars: int = 60) -> Fraction | None:
@@ -126,6 +166,8 @@ class Task:
     name: str
     levels: ClassVar[tuple[int, ...]]  # allowed difficulties
     weights: ClassVar[tuple[float, ...]]  # default mix over levels when difficulty is None
+    template: str = "chat"  # stamped on every problem (`pose`); set with with_options
+    extractor: str = ANSWER_TAG
 
     def _generate(self, rng: random.Random, difficulty: int) -> Problem:
         raise NotImplementedError
@@ -134,7 +176,13 @@ class Task:
         """One problem of the given difficulty from rng (or an int seed)."""
         if difficulty not in self.levels:
             raise ValueError(f"{self.name}: difficulty={difficulty!r} is not one of {self.levels}")
-        return self._generate(rng if isinstance(rng, random.Random) else random.Random(rng), difficulty)
+        return self.pose(self._generate(rng if isinstance(rng, random.Random) else random.Random(rng), difficulty))
+
+    def pose(self, problem: Problem) -> Problem:
+        """The problem with this task's template and extractor."""
+        if (problem.template, problem.extractor) == (self.template, self.extractor):
+            return problem
+        return dataclasses.replace(problem, template=self.template, extractor=self.extractor)
 
     free_form: ClassVar[bool] = False  # answers are free text (JSONL tasks): math-verify may also accept them
 
@@ -178,16 +226,23 @@ class Task:
             if split_of(p.prompt) != split or (unique and p.prompt in seen):
                 continue
             seen.add(p.prompt)
-            out.append(p)
+            out.append(self.pose(p))
         return out
 
     def with_options(self, **options) -> Task:
-        """A copy with some fields changed, e.g. get_task("add").with_options(p_err=0.05)."""
-        allowed = [f.name for f in dataclasses.fields(self)] if dataclasses.is_dataclass(self) else []
+        """A copy with some fields changed, e.g. get_task("add").with_options(p_err=0.05, template="r1-zero")."""
+        posing = {"template": check_template, "extractor": check_extractor}
+        fields = [f.name for f in dataclasses.fields(self) if f.name != "name"] if dataclasses.is_dataclass(self) \
+            else []
         for key in options:
-            if key not in allowed or key == "name":
-                raise ValueError(f"{self.name}: unknown option {key!r}; options: {[a for a in allowed if a != 'name']}")
-        return dataclasses.replace(self, **options)
+            if key not in fields and key not in posing:
+                raise ValueError(f"{self.name}: unknown option {key!r}; options: {[*fields, *posing]}")
+        changes = {k: v for k, v in options.items() if k in fields}
+        task = dataclasses.replace(self, **changes) if changes else copy.copy(self)
+        for key, check in posing.items():
+            if key in options:
+                object.__setattr__(task, key, check(options[key]))  # not a field: frozen dataclasses allow this
+        return task
 
 
 from nanoseek.data.tasks.arithmetic import Arithmetic  # noqa: E402  (families subclass Task, defined above)
@@ -200,18 +255,40 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Arithmetic("add", "+"), Arithmetic("sub", "-"), Countdown(), LinearEquation(), WordProblem())}
 
 
+def parse_task_spec(spec: str) -> tuple[str, dict[str, str]]:
+    """"name?key=value&key=value" -> (name, options); values URL-unquoted ("+" stays a plus)."""
+    name, _, query = spec.partition("?")
+    options = {}
+    for item in filter(None, query.split("&")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"task {spec!r}: option {item!r} is not key=value")
+        options[unquote(key)] = unquote(value)
+    return name, options
+
+
 def get_task(name: str, **options) -> Task:
-    """A registered family by name (options override its fields, e.g. p_err), or a user task file `*.jsonl`."""
+    """A registered family by name (options override its fields, e.g. p_err), or a user task file `*.jsonl`;
+    options may also follow the name ("add?template=r1-zero", see the module docstring)."""
+    name, in_name = parse_task_spec(name)
     if name.endswith(".jsonl"):
-        if options:
-            raise ValueError(f"{name}: JSONL tasks take no options (got {sorted(options)})")
-        return load_jsonl_tasks(name)
+        return load_jsonl_tasks(name, **{**in_name, **options})
     if name not in TASKS:
         near = difflib.get_close_matches(name, TASKS, n=1)
         raise ValueError(f"unknown task {name!r}{f' (did you mean {near[0]!r}?)' if near else ''}; "
                          f"tasks: {sorted(TASKS)}, or a path to a .jsonl file with prompt and answer fields")
-    return TASKS[name].with_options(**options) if options else TASKS[name]
+    task = TASKS[name]
+    for key, value in in_name.items():  # a field's type, from text: p_err=0.05
+        current = getattr(task, key, None)
+        if isinstance(current, (int, float)) and not isinstance(current, bool):
+            try:
+                in_name[key] = type(current)(value)
+            except ValueError:
+                raise ValueError(f"task {name!r}: option {key}={value!r} must be a {type(current).__name__}") from None
+    options = {**in_name, **options}
+    return task.with_options(**options) if options else task
 
 
 __all__ = ["Problem", "Task", "TASKS", "get_task", "split_of", "make_rng", "load_jsonl_tasks", "JsonlTask",
-           "Arithmetic", "Countdown", "LinearEquation", "WordProblem", "SPLITS"]
+           "Arithmetic", "Countdown", "LinearEquation", "WordProblem", "SPLITS", "TEMPLATES", "R1_ZERO",
+           "BOXED_INSTRUCTION", "check_template", "parse_task_spec"]

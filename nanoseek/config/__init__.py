@@ -4,20 +4,29 @@ Field names and defaults are those of `transformers.DeepseekV3Config` (the relea
 `config.json` maps both ways (`from_hf_dict` / `to_hf_dict`). Three fields come from DeepSeek's own
 configs and select the gate (`scoring_func`, `topk_method`) and the MoE layer stride (`moe_layer_freq`);
 V2 / V2-Lite use them. Every rule is checked at construction (`ValueError` naming field, value, rule).
+`read_model_config` / `ModelConfig.from_file` read any config file format nanoseek knows (formats.py).
 
-Presets (spec section 7): `tiny` (tests), `nano` (tiny-10M), `small` (tiny-100M), `v2-lite`, `v3-671b`.
+Presets (spec section 7, presets.py): `tiny` (tests), `nano` (tiny-10M), `small` (tiny-100M), `v2-lite`,
+`v3-671b`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from dataclasses import dataclass, fields
+from pathlib import Path
 from typing import Any, NamedTuple
+
+from nanoseek.config.formats import MODEL_TYPES, config_fields, hf_fields
+from nanoseek.config.presets import PRESETS, yarn_example
+
+__all__ = ["MODEL_TYPES", "PRESETS", "BlockParams", "ModelConfig", "ParamCount", "apply_overrides", "fmt_count",
+           "parse_value", "read_model_config", "yarn_example"]
 
 SCORING_FUNCS = ("sigmoid", "softmax")
 TOPK_METHODS = ("noaux_tc", "group_limited_greedy", "greedy")
-MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
 
 
 @dataclass
@@ -252,26 +261,15 @@ class ModelConfig:
     @classmethod
     def from_hf_dict(cls, d: dict) -> ModelConfig:
         """Read a Hugging Face DeepSeek-V3 / V2 `config.json` dict. Keys nanoseek has no use for are ignored."""
-        d = dict(d)
-        model_type = d.get("model_type", "deepseek_v3")
-        if model_type not in MODEL_TYPES:
-            raise ValueError(f"model_type={model_type!r} is not a DeepSeek model; nanoseek reads {MODEL_TYPES}")
-        rp = d.pop("rope_parameters", None)  # transformers v5 layout: theta and scaling in one dict
-        if isinstance(rp, dict):
-            rp = dict(rp)
-            d["rope_theta"] = rp.pop("rope_theta", d.get("rope_theta", cls.rope_theta))
-            kind = rp.pop("rope_type", rp.pop("type", "default"))
-            d["rope_scaling"] = None if kind == "default" else {"type": kind, **rp}
-        if "num_mtp_layers" in d:
-            d.setdefault("num_nextn_predict_layers", d.pop("num_mtp_layers"))
-        if model_type == "deepseek_v2":  # DeepseekV2Config defaults differ from V3's
-            d.setdefault("topk_method", "greedy")
-            d.setdefault("scoring_func", "softmax")
-            d.setdefault("norm_topk_prob", False)
-            d.setdefault("num_nextn_predict_layers", 0)
-            for key, default in (("n_group", 1), ("topk_group", 1), ("routed_scaling_factor", 1.0)):
-                if d.get(key) is None:
-                    d[key] = default
+        return cls._from_fields(hf_fields(d))
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> ModelConfig:
+        """Read a config file in any format nanoseek knows (`read_model_config`)."""
+        return read_model_config(path)
+
+    @classmethod
+    def _from_fields(cls, d: dict) -> ModelConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -378,49 +376,21 @@ def apply_overrides(obj, overrides: list[str]):
     return dataclasses.replace(obj, **changes)
 
 
-# ---------------------------------------------------------------------- presets (data)
-_TINY_COMMON = dict(
-    rope_scaling=None, max_position_embeddings=2048, topk_method="noaux_tc", scoring_func="sigmoid",
-    norm_topk_prob=True, routed_scaling_factor=2.5, num_nextn_predict_layers=1, first_k_dense_replace=1,
-    n_shared_experts=1, num_attention_heads=8, initializer_range=0.02,
-)
-
-PRESETS: dict[str, dict] = {
-    # < 2M parameters, every structural feature (q-LoRA, dense-first, shared + grouped routed experts, MTP)
-    "tiny": dict(_TINY_COMMON, vocab_size=512, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
-                 num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
-                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
-                 num_experts_per_tok=2, n_group=4, topk_group=2, max_position_embeddings=512),
-    # spec 7.3 tiny-10M
-    "nano": dict(_TINY_COMMON, vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-                 num_hidden_layers=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
-                 qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4,
-                 n_group=4, topk_group=2),
-    # spec 7.3 tiny-100M
-    "small": dict(_TINY_COMMON, vocab_size=32768, hidden_size=512, intermediate_size=1536,
-                  moe_intermediate_size=256, num_hidden_layers=6, q_lora_rank=256, kv_lora_rank=128,
-                  qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32,
-                  num_experts_per_tok=4, n_group=4, topk_group=2),
-    # spec 7.2 (for counting and importing; never allocated in tests)
-    "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-                    moe_intermediate_size=1408, num_hidden_layers=27, first_k_dense_replace=1,
-                    num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
-                    qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64, n_shared_experts=2,
-                    num_experts_per_tok=6, n_group=1, topk_group=1, topk_method="greedy", scoring_func="softmax",
-                    norm_topk_prob=False, routed_scaling_factor=1.0, num_nextn_predict_layers=0,
-                    max_position_embeddings=163840,
-                    rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
-                                      beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
-                    bos_token_id=100000, eos_token_id=100001),
-    # spec 7.1: the released DeepSeek-V3 shape
-    "v3-671b": dict(max_position_embeddings=163840,
-                    rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
-                                      beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
-}
-
-
-def yarn_example(original: int = 512, factor: float = 4.0) -> dict:
-    """The spec's small YaRN variant (section 7.3) for exercising the context-extension path."""
-    return dict(type="yarn", factor=factor, original_max_position_embeddings=original, beta_fast=32, beta_slow=1,
-                mscale=1.0, mscale_all_dim=1.0)
-
+def read_model_config(source: str | Path | dict, where: str | Path | None = None) -> ModelConfig:
+    """The model of a config file or its parsed dict, in any of the formats of formats.py (a Hugging Face
+    config.json, DeepSeek's inference config, a nanoseek run's config.json), detected by its keys. Errors name
+    the file (`where`, default the path)."""
+    if isinstance(source, dict):
+        d, where = source, where or "config"
+    else:
+        where = where or source
+        if not Path(source).is_file():
+            raise ValueError(f"{where}: no such file")
+        try:
+            d = json.loads(Path(source).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ValueError(f"{where} is not readable JSON: {e}") from None
+    try:
+        return ModelConfig._from_fields(config_fields(d))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: {e}") from None

@@ -1,0 +1,47 @@
+"""The `nanoseek` command: one subcommand per stage, each a thin wrapper around a `main`.
+
+    build.py  model, cost, plan, tokenizer, prepare
+    train.py  train, sft, rl, distill, demo
+    infer.py  generate, chat, serve, export, import, eval
+"""
+
+from __future__ import annotations
+
+import os
+
+# Transparent huge pages for torch's large CPU allocations, for the `nanoseek` command only (torch reads this
+# when it loads, so it is set before any torch import; importing nanoseek as a library changes nothing):
+# decoding streams every weight once per token, and 4 KiB pages cost it ~10% in TLB misses here (docs/LOG.md,
+# session 4). THP_MEM_ALLOC_ENABLE=0 turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import argparse  # noqa: E402
+import sys  # noqa: E402
+
+from nanoseek.cli import build, infer, train  # noqa: E402,F401  (each registers its commands)
+from nanoseek.cli.registry import COMMANDS  # noqa: E402
+from nanoseek.dist import DistError  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """One subparser per registered command, in the order the modules register them."""
+    parser = argparse.ArgumentParser(prog="nanoseek", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text, flags, handler, defaults in COMMANDS:
+        p = sub.add_parser(name, help=text)
+        flags(p)
+        p.set_defaults(func=handler, **defaults)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as e:  # configuration and input errors speak to the user, without a traceback
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except DistError as e:  # a distributed job that cannot go on (a rank died, a collective timed out)
+        print(f"nanoseek {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
