@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from nanoseek.infer.fastpath import Decoder
-from nanoseek.infer.sampling import SamplingParams, guard, logprobs, propose, sample, verify
+from nanoseek.infer.sampling import SamplingParams, guard, logprobs, propose, requested_logprobs, sample, verify
 from nanoseek.infer.text import TextStream
 from nanoseek.model import Transformer
 
@@ -303,15 +303,7 @@ class Engine:
     @staticmethod
     def _logprobs(logits: torch.Tensor, tokens: torch.Tensor, rows: list[Request]) -> list[Logprob | None]:
         """Per row: (log p(token), top ids, top log-probs) when its request asks for log-probs, else None."""
-        want = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        out: list[Logprob | None] = [None] * len(rows)
-        if want:
-            idx = torch.tensor(want, device=logits.device)
-            top = max(rows[i].params.logprobs for i in want)
-            for i, lp, ids, vals in zip(want, *logprobs(logits[idx], tokens[idx], top)):
-                k = rows[i].params.logprobs
-                out[i] = (lp, ids[:k], vals[:k])
-        return out
+        return requested_logprobs(logits, tokens, [r.params.logprobs for r in rows])
 
     def _prompt_logprobs(self, hidden: torch.Tensor, r: Request) -> list[Logprob | None]:
         """Log-probs of prompt tokens 1.. given the ones before, from the prefill's hidden states (S, H) through

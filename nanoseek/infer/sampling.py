@@ -86,6 +86,18 @@ def logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int = 0
     return chosen, ids.tolist(), values.tolist()
 
 
+def requested_logprobs(logits: torch.Tensor, tokens: torch.Tensor, tops: list[int | None]
+                       ) -> list[tuple[float, list[int], list[float]] | None]:
+    """`logprobs` for the rows that ask (tops[i] alternatives; None: the row wants none), in one pass."""
+    want = [i for i, k in enumerate(tops) if k is not None]
+    out: list = [None] * len(tops)
+    if want:
+        idx = torch.tensor(want, device=logits.device)
+        for i, lp, ids, vals in zip(want, *logprobs(logits[idx], tokens[idx], max(tops[i] for i in want))):
+            out[i] = (lp, ids[:tops[i]], vals[:tops[i]])
+    return out
+
+
 def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """logits (b, V) -> probabilities (b, V) after each row's temperature, top-k and top-p; one-hot for greedy.
     Call on `guard`ed logits: each row's maximum is then finite, so the softmax's normalizer is >= 1."""
