@@ -3,7 +3,9 @@
     .venv/bin/python bench/decode.py                      # full run (~3-4 min on 2 idle cores)
     .venv/bin/python bench/decode.py --wait-idle 600      # the same, waiting out other processes first
     .venv/bin/python bench/decode.py --quick              # smoke run (fewer tokens and repetitions)
-    flags: --skip-hf, --checkpoint PATH (MTP section), --json FILE, --profile (op table, b=16 breakdown), --no-big
+    flags: --skip-hf, --checkpoint PATH (MTP section), --json FILE, --profile (op table, b=16 breakdown), --no-big,
+    --device cuda (both frameworks on the GPU, fp32; the CPU-only sections are left out: the big shape's peak
+    RSS, the MTP checkpoint, the profile)
 
 Prints measurements and ratios; the targets they are read against (D1-D4, K1, R1, S1) are in README.md
 (Measured, Decoding). Setup: `small` preset, random init, fp32, one set of weights in both frameworks (nanoseek
@@ -58,7 +60,7 @@ from pathlib import Path
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: huge pages for both frameworks (cli.py)
 import torch
 
-from nanoseek.cost import measure_gemm_peak
+from nanoseek.peak import gemm_peak
 from nanoseek.infer.engine import Engine
 
 from decode_frameworks import build_hf, build_ours, hf_experts_impl, run_hf, run_ours, small_config  # noqa: E402
@@ -95,14 +97,15 @@ def bench_shape(ours, hf, prompts, n, reps, log) -> dict:
     t_start = time.perf_counter()
     engine = Engine(ours, max_batch=b, max_len=P + n + 1, prefill_tokens=b * P)
     runs = {"ours": [], "hf": []}
+    hf_prompts = prompts.to(hf.device) if hf is not None else None
     run_ours(engine, prompts, min(n, 4))  # warm-up (untimed)
     if hf is not None:
-        run_hf(hf, prompts, min(n, 4))
+        run_hf(hf, hf_prompts, min(n, 4))
     same = None
     for _ in range(reps):
         runs["ours"].append(run_ours(engine, prompts, n))
         if hf is not None:
-            runs["hf"].append(run_hf(hf, prompts, n))
+            runs["hf"].append(run_hf(hf, hf_prompts, n))
     row = dict(batch=b, prompt=P, new_tokens=n, reps=reps)
     for k, rs in runs.items():
         if not rs:
@@ -154,7 +157,7 @@ def cache_bytes(cfg, ours, hf) -> dict:
                hf_old_expanded_kv=L * cfg.num_attention_heads * (cfg.qk_head_dim + cfg.v_head_dim) * 4)
     if hf is not None:
         prompts = torch.randint(0, cfg.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
-        r = run_hf(hf, prompts, 7, return_cache=True)
+        r = run_hf(hf, prompts.to(hf.device), 7, return_cache=True)
         out["hf"] = hf_cache_bytes(r["cache"], batch=2)
     return out
 
@@ -244,6 +247,7 @@ def main():
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="before each timed section wait up to S s for an idle machine; redo disturbed sections")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both frameworks (default 2)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--mem-shape", default="16,1024,8", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -259,16 +263,20 @@ def main():
     cfg = small_config()
     import transformers
 
-    peak = measure_gemm_peak()
-    bw = bandwidth_gbs()
+    cuda = args.device.startswith("cuda")
+    if cuda:  # the CPU-only sections: peak RSS in a subprocess, the CPU checkpoint's MTP runs, the profile timers
+        args.no_big, args.profile = True, False
+    peak = gemm_peak(args.device)
+    bw = float("nan") if cuda else bandwidth_gbs()
     results.update(torch=torch.__version__, transformers=transformers.__version__, code=code_version(),
-                   threads=torch.get_num_threads(), gemm_peak_gflops=peak / 1e9, read_bandwidth_gbs=bw)
+                   threads=torch.get_num_threads(), device=args.device, gemm_peak_gflops=peak.flops / 1e9,
+                   gemm_peak=str(peak), read_bandwidth_gbs=bw)
     log(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-        f"fp32, CPU ({os.cpu_count()} cores), THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; "
-        f"GEMM peak {peak / 1e9:.0f} GFLOP/s, read bandwidth {bw:.1f} GB/s; "
-        f"other processes busy {busy0:.2f} cores at the start; nanoseek {results['code']}")
-    ours = build_ours(cfg)
-    hf = None if args.skip_hf else build_hf(cfg, ours)
+        f"fp32, {torch.cuda.get_device_name(args.device) if cuda else f'CPU ({os.cpu_count()} cores)'}, "
+        f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; GEMM peak {peak}, read bandwidth "
+        f"{bw:.1f} GB/s; other processes busy {busy0:.2f} cores at the start; nanoseek {results['code']}")
+    ours = build_ours(cfg).to(args.device)
+    hf = None if args.skip_hf else build_hf(cfg, ours).to(args.device)
     log(f"preset small ({cfg.num_params().total / 1e6:.0f}M params, {cfg.num_params().activated / 1e6:.0f}M "
         f"activated incl. embedding and head); transformers: attn sdpa, experts "
         f"{hf_experts_impl(hf) if hf else '-'}")
@@ -292,9 +300,10 @@ def main():
         prompts = [torch.randint(0, cfg.vocab_size, (128,), generator=g).tolist()]
         small_spec = guard("small speculative", lambda: spec_compare(ours, prompts, 1, 3, 32)[0])
     results["small_speculative"] = small_spec
-    mtp = mtp_section(args.checkpoint, args.quick, log, guard)
+    mtp = None if cuda else mtp_section(args.checkpoint, args.quick, log, guard)
     results["mtp"] = mtp
-    prof = guard("profile", lambda: profile_decode(cfg, ours, 10 if args.quick else 40, args.profile, log))
+    prof = None if cuda else guard("profile", lambda: profile_decode(cfg, ours, 10 if args.quick else 40,
+                                                                     args.profile, log))
     results["profile"] = prof
     if args.profile:
         results["profile_b16"] = guard("profile b16", lambda: profile_decode(

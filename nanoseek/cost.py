@@ -10,8 +10,8 @@ not the norm weights (elementwise). 6 = 2 FLOPs per multiply-add x (forward + 2 
 term is QK^T (d_qk = d_n + d_r per head) and PV (d_v per head) against S_eff keys. Not counted: softmax,
 norms, RoPE, SwiGLU and other elementwise work, optimizer, and recomputation (MFU, not HFU).
 
-MFU = F x tokens/s / peak (perf-notes section 3); GPU-hours = F x tokens / (peak x MFU x 3600). Peaks are
-dense (no 2:4 sparsity) tensor-core FLOP/s from the vendor datasheets (`GPUS`); `cpu` measures a GEMM peak.
+MFU = F x tokens/s / peak (perf-notes section 3); GPU-hours = F x tokens / (peak x MFU x 3600); the peaks
+are peak.py's (datasheets on GPUs, a cached idle measurement on a CPU).
 The V3 paper's Table 1 and Llama 3.1's figures are data here (`V3_PAPER`, `LLAMA31`), rechecked by `paper_check`;
 `nanoseek cost` lays all of it out as tables in cost_report.py.
 """
@@ -19,85 +19,11 @@ The V3 paper's Table 1 and Llama 3.1's figures are data here (`V3_PAPER`, `LLAMA
 from __future__ import annotations
 
 import math
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 from nanoseek.config import PRESETS, ModelConfig, apply_overrides, fmt_count
-
-
-# ---------------------------------------------------------------------- hardware
-class GPU(NamedTuple):
-    name: str
-    peaks: dict  # precision -> dense FLOP/s; None: measured on the spot
-    source: str
-    memory: float | None = None  # bytes of HBM (datasheet), for `nanoseek plan`
-
-
-GPUS: dict[str, GPU] = {
-    "h800": GPU("NVIDIA H800 SXM5", {"bf16": 989.5e12, "fp8": 1979e12},
-                "NVIDIA H800 Tensor Core GPU datasheet: BF16 1,979 / FP8 3,958 TFLOP/s with 2:4 sparsity, dense is "
-                "half; the H100 SXM5's compute (NVLink cut to 400 GB/s, FP64 cut)", 80e9),
-    "h100": GPU("NVIDIA H100 SXM5", {"bf16": 989.5e12, "fp8": 1979e12},
-                "NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 / FP8 3,958 TFLOP/s with 2:4 sparsity, "
-                "dense is half", 80e9),
-    "h200": GPU("NVIDIA H200 SXM", {"bf16": 989.5e12, "fp8": 1979e12},
-                "NVIDIA H200 Tensor Core GPU datasheet (SXM): BF16 1,979 / FP8 3,958 TFLOP/s with 2:4 sparsity, "
-                "dense is half; the H100's compute with 141 GB of HBM3e at 4.8 TB/s", 141e9),
-    "a100": GPU("NVIDIA A100 SXM", {"bf16": 312e12},
-                "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOP/s dense (624 with sparsity); no FP8", 80e9),
-    "cpu": GPU("this machine's CPU", {"fp32": None},
-               "measured now: max over 3 repeats of fp32 a@b at 2048^3 and 4096^3 (perf-notes section 3)"),
-}
-
-
-def measure_gemm_peak(dtype=None, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3, device=None) -> float:
-    """Peak matmul FLOP/s of `device` (default cpu): the max over `repeats` timed runs of a @ b at n^3 for each
-    n in `sizes`, counting 2 n^3 FLOPs, after one untimed warm-up per size (perf-notes section 3). dtype
-    defaults to what the device trains in: float32 on CPU, bfloat16 on CUDA."""
-    import torch
-
-    device = torch.device(device or "cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = 0.0
-    with torch.inference_mode():
-        for n in sizes:
-            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-            a @ b
-            sync()
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                a @ b
-                sync()
-                best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
-_PEAKS: dict[str, float] = {}  # per process: the best measurement so far, per device
-
-
-def gemm_peak(device: str, again: bool = False) -> float:
-    """The device's measured GEMM peak (2048^3, max of 3): measured once per process, and again with `again`
-    (at the end of a run), keeping the best, so that a moment when other work shared the cores does not
-    stand for the machine (it showed as MFU > 100%)."""
-    if again or device not in _PEAKS:
-        _PEAKS[device] = max(_PEAKS.get(device, 0.0), measure_gemm_peak(sizes=(2048,), device=device))
-    return _PEAKS[device]
-
-
-def peak_flops(gpu: str, precision: str | None = None) -> tuple[float, str, str]:
-    """(dense peak FLOP/s, precision, "datasheet" or "measured") of a `GPUS` entry; precision defaults to the
-    first the entry lists (bf16 for GPUs, fp32 for cpu)."""
-    if gpu not in GPUS:
-        raise ValueError(f"--gpu {gpu} is unknown; choose one of {', '.join(sorted(GPUS))}")
-    peaks = GPUS[gpu].peaks
-    precision = precision or next(iter(peaks))
-    if precision not in peaks:
-        raise ValueError(f"--precision {precision} is not available on {gpu}; choose one of {', '.join(peaks)}")
-    if peaks[precision] is None:
-        return measure_gemm_peak(), precision, "measured"
-    return peaks[precision], precision, "datasheet"
+from nanoseek.peak import GPUS, Peak, peak_flops
 
 
 # ---------------------------------------------------------------------- FLOPs
@@ -190,13 +116,14 @@ def gpu_hours(total_flops: float, peak: float, mfu: float) -> float:
 
 
 def run_compute(flops_per_token: float, tokens: float, seconds: float, devices: int = 1,
-                price_per_hour: float = 2.0, peak: float | None = None) -> dict:
+                price_per_hour: float = 2.0, peak: Peak | None = None) -> dict:
     """What a finished run used, for its report.md: FLOPs, device-hours, dollars at `price_per_hour` per
-    device-hour, and MFU against `peak` FLOP/s per device (when given)."""
+    device-hour, and MFU against the `peak` per device (when given), which it names."""
     flops, hours = flops_per_token * tokens, seconds * devices / 3600
     out = {"flops": flops, "device_hours": hours, "cost": hours * price_per_hour, "price_per_hour": price_per_hour}
     if peak:
-        out["mfu"] = flops / (seconds * devices * peak) if seconds > 0 else float("nan")
+        out["mfu"] = flops / (seconds * devices * peak.flops) if seconds > 0 else float("nan")
+        out["peak"] = str(peak)
     return out
 
 

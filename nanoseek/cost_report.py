@@ -8,9 +8,10 @@ import json
 from typing import Any, NamedTuple
 
 from nanoseek.config import ModelConfig, fmt_count
-from nanoseek.cost import (GPUS, LLAMA31, V3_PAPER, CostQuery, PaperCheck, RunEstimate, cache_bytes_per_token,
+from nanoseek.cost import (LLAMA31, V3_PAPER, CostQuery, PaperCheck, RunEstimate, cache_bytes_per_token,
                            cost_query, dense_flops_per_token, inference_flops_per_token, paper_check, run_estimate,
                            train_flops_per_token)
+from nanoseek.peak import GPUS
 
 
 class Row(NamedTuple):

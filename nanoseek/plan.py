@@ -22,10 +22,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from nanoseek.config import ModelConfig, fmt_count
-from nanoseek.cost import GPUS, load_config
+from nanoseek.cost import load_config
+from nanoseek.peak import GPUS
 from nanoseek.cost_report import Table
 
-GPU_MEMORY = {name: gpu.memory for name, gpu in GPUS.items() if gpu.memory}  # bytes of HBM (cost.GPUS)
+GPU_MEMORY = {name: gpu.memory for name, gpu in GPUS.items() if gpu.memory}  # bytes of HBM (peak.GPUS)
 
 
 class Plan(NamedTuple):

@@ -108,8 +108,10 @@ def _cell(value) -> str:
 
 
 def compute_rows(compute: dict) -> dict[str, str]:
-    """report.md's rows of what a run used (`cost.run_compute`): total FLOPs, MFU, device-hours, dollars."""
+    """report.md's rows of what a run used (`cost.run_compute`): total FLOPs, MFU and the GEMM peak it is measured
+    against (with where that came from), device-hours, dollars."""
     return {"total FLOPs": f"{compute['flops']:.3e}", "MFU": f"{compute.get('mfu', float('nan')):.1%}",
+            **({"MFU against (GEMM peak per device)": compute["peak"]} if "peak" in compute else {}),
             "device-hours": f"{compute['device_hours']:.4f}",
             "cost": f"${compute['cost']:.4f} at ${compute['price_per_hour']}/device-hour"}
 

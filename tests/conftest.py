@@ -99,3 +99,17 @@ def deepseek_r1_folder(tmp_path_factory):
     """The same model with DeepSeek-R1's tokenizer files: the template opens `<think>\\n` in the prompt."""
     pytest.importorskip("transformers")
     return make_deepseek_folder(tmp_path_factory.mktemp("ds") / "r1_tiny", "r1")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _peak_cache(tmp_path_factory):
+    """The suite's GEMM peak cache lives in a temporary folder, not the user's ~/.cache/nanoseek."""
+    import os
+
+    old = os.environ.get("NANOSEEK_CACHE_DIR")
+    os.environ["NANOSEEK_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("NANOSEEK_CACHE_DIR", None)
+    else:
+        os.environ["NANOSEEK_CACHE_DIR"] = old

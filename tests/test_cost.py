@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import nanoseek.model.moe as moe_module
 from nanoseek.model.mla import MLA
-from nanoseek import ModelConfig, Transformer, cost
+from nanoseek import ModelConfig, Transformer, cost, peak
 from nanoseek.cli import main
 from nanoseek.infer.fastpath import Decoder
 from nanoseek.config import PRESETS
@@ -159,17 +159,19 @@ def test_mfu_and_gpu_hours_agree():
     m = cost.mfu(f, tps, peak)
     assert m == pytest.approx(f * tps / peak)
     assert cost.gpu_hours(f * 14.8e12, peak, m) == pytest.approx(14.8e12 / tps / 3600)
-    r = cost.run_compute(f, 1e9, seconds=3600, devices=2, price_per_hour=3.0, peak=peak)
+    r = cost.run_compute(f, 1e9, seconds=3600, devices=2, price_per_hour=3.0,
+                         peak=cost.Peak(peak, "datasheet", "NVIDIA H200 SXM bf16 dense"))
     assert r["device_hours"] == 2 and r["cost"] == 6 and r["flops"] == f * 1e9
     assert r["mfu"] == pytest.approx(f * 1e9 / (2 * 3600 * peak))
+    assert r["peak"] == "990 TFLOP/s (datasheet, NVIDIA H200 SXM bf16 dense)"  # report.md names the peak
 
 
 def test_gpu_table():
-    assert set(cost.GPUS) == {"a100", "cpu", "h100", "h200", "h800"}
-    assert cost.GPUS["h800"].peaks == cost.GPUS["h100"].peaks == cost.GPUS["h200"].peaks
-    assert cost.GPUS["h800"].peaks == {"bf16": 989.5e12, "fp8": 1979e12}
-    assert cost.GPUS["a100"].peaks == {"bf16": 312e12}
-    for name, gpu in cost.GPUS.items():
+    assert set(peak.GPUS) == {"a100", "cpu", "h100", "h200", "h800"}
+    assert peak.GPUS["h800"].peaks == peak.GPUS["h100"].peaks == peak.GPUS["h200"].peaks
+    assert peak.GPUS["h800"].peaks == {"bf16": 989.5e12, "fp8": 1979e12}
+    assert peak.GPUS["a100"].peaks == {"bf16": 312e12}
+    for name, gpu in peak.GPUS.items():
         assert ("measured" if name == "cpu" else "datasheet") in gpu.source
 
 
@@ -177,12 +179,12 @@ def test_measure_gemm_peak_counts_2n3_flops_per_timed_product(monkeypatch):
     """With a clock that advances 0.25 s per reading, every timed product takes 0.25 s: the peak is 2 n^3 / 0.25
     for the largest n (the warm-up product is not timed)."""
     ticks = iter(range(10_000))
-    monkeypatch.setattr(cost.time, "perf_counter", lambda: next(ticks) * 0.25)
-    assert cost.measure_gemm_peak(sizes=(64, 128), repeats=2) == 2 * 128**3 / 0.25
+    monkeypatch.setattr(peak.time, "perf_counter", lambda: next(ticks) * 0.25)
+    assert peak.measure_gemm_peak(sizes=(64, 128), repeats=2) == 2 * 128**3 / 0.25
 
 
 def test_cpu_throughput_gives_mfu(capsys, monkeypatch):
-    monkeypatch.setattr(cost, "measure_gemm_peak", lambda: 1e11)
+    monkeypatch.setattr(peak, "measure_gemm_peak", lambda: 1e11)
     d = cost_json(capsys, "--preset", "small", "--seq-len", "512", "--gpu", "cpu", "--tokens-per-second", "100",
                   "--tokens", "1M")
     run = d["run"]["values"]
@@ -237,15 +239,3 @@ def test_bad_inputs(capsys, argv, message):
     assert main(["cost", *argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("nanoseek cost: error: ") and message in err
-
-
-def test_gemm_peak_keeps_the_best_measurement(monkeypatch):
-    """A peak measured while other work shared the cores (MFU > 100% against it) is replaced by a later, better
-    one; a worse later one does not lower it."""
-    measured = iter([50e9, 160e9, 120e9])
-    monkeypatch.setattr(cost, "measure_gemm_peak", lambda **kw: next(measured))
-    monkeypatch.setattr(cost, "_PEAKS", {})
-    assert cost.gemm_peak("cpu") == 50e9
-    assert cost.gemm_peak("cpu") == 50e9  # measured once per process...
-    assert cost.gemm_peak("cpu", again=True) == 160e9  # ...and again at the end of a run
-    assert cost.gemm_peak("cpu", again=True) == 160e9

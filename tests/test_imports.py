@@ -16,14 +16,15 @@ ALLOWED = {
     "report": set(),
     "data": set(),  # knows no model: text, tokenizer, shards, tasks
     "model": {"config"},  # the reference forward: no training, serving, distribution, files or CLI
-    "cost": {"config"},  # the formulas
-    "cost_report": {"config", "cost"},  # their tables (`nanoseek cost`)
-    "plan": {"config", "cost", "cost_report"},
+    "peak": set(),  # the FLOP/s a device reaches: datasheets, a cached idle measurement
+    "cost": {"config", "peak"},  # the formulas
+    "cost_report": {"config", "cost", "peak"},  # their tables (`nanoseek cost`)
+    "plan": {"config", "cost", "cost_report", "peak"},
     "hf": {"config", "data", "model", "runs"},  # model folders in and out
     "dist": {"config", "model", "runs"},  # applied to a plain model from outside
     "infer": {"config", "data", "hf", "model"},  # serving knows no training, RL or distribution
-    "train": {"config", "cost", "data", "dist", "hf", "model", "report", "runs", "runtime"},
-    "rl": {"config", "cost", "data", "hf", "infer", "model", "report", "runs", "runtime", "train"},
+    "train": {"config", "cost", "data", "dist", "hf", "model", "peak", "report", "runs", "runtime"},
+    "rl": {"config", "cost", "data", "hf", "infer", "model", "peak", "report", "runs", "runtime", "train"},
     "demo": {"config", "cost", "hf", "report", "rl", "runs", "train"},
     "cli": None,  # the top: anything
     "__main__": {"cli"},

@@ -79,11 +79,10 @@ def _distill_flags(p: argparse.ArgumentParser) -> None:
          _distill_flags)
 def cmd_distill(args) -> int:
     """Rejection sampling from a teacher, then SFT of a student on the verified completions."""
-    from nanoseek.rl.distill import DistillConfig, distill
+    from nanoseek.rl.distill import DistillConfig, distill, split_overrides
 
-    cfg = apply_overrides(DistillConfig(), [o[len("distill."):] for o in args.overrides
-                                            if o.startswith("distill.")])
-    student = [o for o in args.overrides if not o.startswith("distill.")]
+    ours, student = split_overrides(args.overrides)
+    cfg = apply_overrides(DistillConfig(), ours)
     result = distill(cfg, args.student_config, student, quiet=args.quiet)
     print(f"data: {cfg.out_dir}/distill.jsonl  summary: {cfg.out_dir}/summary.json  "
           f"student report: {result['student'].report}")

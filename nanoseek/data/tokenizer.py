@@ -11,8 +11,10 @@ GPT-2's byte-to-unicode map, BPE over bytes, and the byte-level decoder. Every o
 the initial alphabet, so any UTF-8 string encodes without <unk> and `decode(encode(s)) == s`. The split
 regex (`SPLIT_PATTERN`) is GPT-4's, changed in two ways for arithmetic: every digit is its own pre-token
 (as in Llama 1 / DeepSeek-LLM), and an XML-like tag (`<answer>`, optionally after one space) is one
-pre-token. Special tokens (ids 0..5, in this order; bos 0 and eos 1 as in `ModelConfig`):
+pre-token. Added tokens (ids 0..5, in this order; bos 0 and eos 1 as in `ModelConfig`):
     <|begin_of_text|>  <|end_of_text|>  <|user|>  <|assistant|>  <think>  </think>
+`<think>` / `</think>` are added but not "special", as in DeepSeek-R1's tokenizer, so a decoder that skips
+special tokens (TRL's completions) keeps them; tokenizers trained before made them special and still load.
 `<answer>` / `</answer>` are plain text, as in R1. Its chat format is `chat_template.CHAT_TEMPLATE`. The
 packed training stream is `bos doc eos bos doc eos ...`, so a prompt rendered with bos begins exactly as
 every training document does (without bos, a small model trained on the stream mis-reads prompts that start
@@ -28,7 +30,7 @@ import re
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from nanoseek.data.chat_template import BOS, CHAT_TEMPLATE, EOS, SPECIAL_TOKENS, ChatTemplate
+from nanoseek.data.chat_template import BOS, CHAT_TEMPLATE, END_THINK, EOS, SPECIAL_TOKENS, THINK, ChatTemplate
 
 SPLIT_PATTERN = (r" ?</?[A-Za-z_]+>|\p{N}|'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}<]?\p{L}+"
                  r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -118,7 +120,7 @@ class Tokenizer:
               min_frequency: int = 2) -> Tokenizer:
         """Train on texts (for files: data.documents.iter_documents of each).
 
-        The vocabulary holds at most vocab_size tokens (6 special + 256 bytes + merges); it is smaller when
+        The vocabulary holds at most vocab_size tokens (6 added + 256 bytes + merges); it is smaller when
         the text offers fewer merges of at least min_frequency occurrences. Saved as out_dir/tokenizer.json.
         """
         from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
@@ -126,7 +128,7 @@ class Tokenizer:
 
         floor = len(SPECIAL_TOKENS) + 256
         if vocab_size < floor:
-            raise ValueError(f"vocab_size={vocab_size} must be >= {floor} (6 special tokens + 256 bytes)")
+            raise ValueError(f"vocab_size={vocab_size} must be >= {floor} (6 added tokens + 256 bytes)")
         tok = HFTokenizer(models.BPE())
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated"),
@@ -136,7 +138,10 @@ class Tokenizer:
                                       special_tokens=list(SPECIAL_TOKENS), show_progress=False,
                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
         tok.train_from_iterator(_texts_for_training(texts), trainer)
-        out = cls(tok, config=None)
+        spec = json.loads(tok.to_str())  # the trainer makes every added token special; the think tags are not
+        for added in spec["added_tokens"]:
+            added["special"] = added["content"] not in (THINK, END_THINK)
+        out = cls(HFTokenizer.from_str(json.dumps(spec)), config=None)
         if out_dir is not None:
             out.save(out_dir)
         return out

@@ -118,7 +118,7 @@ class Experts(nn.Module):
         # w * down(a) = down(w * a): weight the I-wide activation, not the H-wide output
         act = F.silu(gate) * up * weights.flatten()[order, None].to(xs.dtype)
         out = self._mm(act, self.down_proj, counts)
-        return torch.zeros_like(x).index_add_(0, token, out), counts
+        return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out), counts  # (autocast: out may be bf16)
 
     @staticmethod
     def _mm(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

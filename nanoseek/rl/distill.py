@@ -27,7 +27,7 @@ from nanoseek.hf import load_pretrained, locate
 from nanoseek.infer.sampling import SamplingParams
 from nanoseek.rl.evaluate import generate_completions, prompt_ids, sample_seed
 from nanoseek.rl.rewards import accuracy_reward
-from nanoseek.train.config import load_train_config
+from nanoseek.train.config import TrainConfig, load_train_config
 from nanoseek.train.loop import run as train_run
 
 
@@ -50,6 +50,30 @@ class DistillConfig:
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
         SamplingParams(temperature=self.temperature, top_p=self.top_p)  # same rules as sampling
+
+
+# student TrainConfig keys that distill sets itself: an override of them would be silently ignored
+SET_BY_DISTILL = {"out_dir": "the student is written to distill.out_dir/student; did you mean distill.out_dir={}?",
+                  "data.path": "the student trains on the teacher's verified samples (distill.out_dir/shards)",
+                  "data.loss_on": "the student's loss is on assistant turns only"}
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`distill.FIELD=value` (DistillConfig, prefix removed) and the rest (the student's TrainConfig)."""
+    ours = [o[len("distill."):] for o in overrides if o.startswith("distill.")]
+    return ours, [o for o in overrides if not o.startswith("distill.")]
+
+
+def check_student_overrides(overrides: list[str]) -> None:
+    """Refuse a student override that distill would ignore, naming the key meant."""
+    distill_only = ({f.name for f in dataclasses.fields(DistillConfig)}
+                    - {f.name for f in dataclasses.fields(TrainConfig)})
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key.strip() in SET_BY_DISTILL:
+            raise ValueError(f"{item!r} would be ignored: {SET_BY_DISTILL[key.strip()].format(value)}")
+        if key.strip() in distill_only:
+            raise ValueError(f"{item!r}: {key.strip()} is a distill setting; did you mean 'distill.{key.strip()}'?")
 
 
 def select_verified(problems: list[Problem], completions: list[list[str]], per_prompt: int
@@ -92,6 +116,7 @@ def student_tokenizer(init: str) -> Tokenizer | None:
 
 def distill(cfg: DistillConfig, student_config: str | None, student_overrides: list[str], quiet: bool = False
             ) -> dict:
+    check_student_overrides(student_overrides)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     teacher = load_pretrained(cfg.teacher, needs_tokenizer="the teacher")

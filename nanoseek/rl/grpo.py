@@ -10,9 +10,15 @@ broadcast to its tokens):
     l_i,t     = -min(rho A_i, clip(rho, 1 - eps_low, 1 + eps_high) A_i) + beta k3_i,t
     k3_i,t    = exp(d) - d - 1,  d = logp_ref - logp_theta     (>= 0, 0 iff the policies agree)
 
-    loss_agg="sequence": (1/B) sum_i (1/|o_i|) sum_t l_i,t      GRPO (seq-mean-token-mean)
-            ="token":    sum_i,t l_i,t / sum_i |o_i|             DAPO (token-level)
-            ="constant": sum_i,t l_i,t / (B L_max)               Dr. GRPO (no length normalization)
+    loss_agg="sequence":    (1/B) sum_i (1/|o_i|) sum_t l_i,t     GRPO (seq-mean-token-mean)
+            ="token":       sum_i,t l_i,t / sum_i |o_i|            DAPO (token-level over the minibatch)
+            ="micro_token": (1/K) sum_k [sum_(i,t in k) l_i,t / sum_(i in k) |o_i|]   TRL's BNPO: token-level
+                            within each of the K micro-batches, averaged over them (depends on micro_batch)
+            ="constant":    sum_i,t l_i,t / (B L_max)              Dr. GRPO (no length normalization)
+
+B and |o_i| count a whole minibatch (the sequences of one optimizer step), so a loss summed over its
+micro-batches is the formula above; TRL normalizes "grpo" and "dr_grpo" per micro-batch and divides by the
+accumulation steps, which is the same when the micro-batches are equal (tests/rl/test_trl_parity.py).
 
 Left out: the value of rho only differs from 1 when a rollout batch is used for more than one update
 (mu > 1 or several minibatches); with mu = 1 and one minibatch the loss is on-policy REINFORCE with a group
@@ -31,7 +37,7 @@ import torch
 from nanoseek.train.config import OptimConfig
 
 ADVANTAGES = ("grpo", "dr_grpo")
-AGGREGATIONS = ("sequence", "token", "constant")
+AGGREGATIONS = ("sequence", "token", "micro_token", "constant")
 
 
 @dataclass
@@ -50,7 +56,7 @@ class GRPOConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     advantage: str = "grpo"
-    loss_agg: str = "sequence"
+    loss_agg: str = "sequence"  # TRL's loss_type: sequence = grpo, token = dapo, micro_token = bnpo, constant = dr_grpo
     epsilon_low: float = 0.2
     epsilon_high: float = 0.2  # 0.28: DAPO's clip-higher
     beta: float = 0.0  # KL weight; 0 keeps no reference model
@@ -143,8 +149,9 @@ def policy_loss(logp: torch.Tensor, logp_old: torch.Tensor, adv: torch.Tensor, m
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The clipped surrogate (+ beta k3) on tokens (b, t) with mask (b, t), aggregated by cfg.loss_agg.
 
-    `norm` holds the normalizers of the whole minibatch (`sequences`, `tokens`), so micro-batches summed
-    give exactly the minibatch loss. Returns (loss, sums of per-token statistics over the masked tokens)."""
+    `norm` holds the normalizers of the whole minibatch (`sequences`, `tokens`, `micro_batches`), so
+    micro-batches summed give exactly the minibatch loss. Returns (loss, sums of per-token statistics over
+    the masked tokens)."""
     ratio = (logp - logp_old).clamp(-20, 20).exp()
     a = adv[:, None]
     clipped = ratio.clamp(1 - cfg.epsilon_low, 1 + cfg.epsilon_high)
@@ -166,6 +173,8 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: dict
         return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1)).sum() / norm["sequences"]
     if mode == "token":
         return (per_token * mask).sum() / max(norm["tokens"], 1)
+    if mode == "micro_token":
+        return (per_token * mask).sum() / mask.sum().clamp_min(1) / norm["micro_batches"]
     return (per_token * mask).sum() / (norm["sequences"] * max_len)
 
 

@@ -6,7 +6,8 @@
             T; a seed per completion), scored by the rule-based rewards (accuracy + format + user functions)
         advantages per group; [beta > 0] reference log-probs; [mu > 1 or minibatches > 1] old log-probs
         mu passes over the batch in `minibatches` optimizer steps (micro-batched), gradient clipping
-        log reward / accuracy / format / length / KL / entropy / clip fractions / tok/s / MFU; samples;
+        log reward / accuracy / format / length / KL / entropy / clip fractions / rollout tok/s, generation
+            and update seconds (gen_time, update_time) / MFU; samples;
         held-out pass@1 every eval_every steps; atomic checkpoints (policy, optimizer, reference, RNG)
 
 Rollouts run on the engine's absorbed-attention path, log-probs on the training path; the old policy's
@@ -26,7 +27,8 @@ import torch
 from tqdm import tqdm
 
 from nanoseek.config import apply_overrides
-from nanoseek.cost import gemm_peak, inference_flops_per_token, run_compute, train_flops_per_token
+from nanoseek.cost import inference_flops_per_token, run_compute, train_flops_per_token
+from nanoseek.peak import Peak, gemm_peak, honest_peak
 from nanoseek.data.tasks import Problem, get_task, make_rng
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.hf import load_pretrained
@@ -47,8 +49,8 @@ REFERENCE = "reference.safetensors"
 
 
 def load_grpo_config(path: str | Path | None, overrides: list[str] = ()) -> GRPOConfig:
-    """TOML run file (optional) + strict `key=value` overrides."""
-    return apply_overrides(apply_overrides(GRPOConfig(), flatten_table(read_toml(path))), list(overrides))
+    """TOML run file (optional; relative paths as `read_toml` resolves them) + strict `key=value` overrides."""
+    return apply_overrides(apply_overrides(GRPOConfig(), flatten_table(read_toml(path, overrides))), list(overrides))
 
 
 def sample_problems(cfg: GRPOConfig, step: int) -> list[Problem]:
@@ -90,17 +92,27 @@ def rollout(engine: Engine, problems: list[Problem], cfg: GRPOConfig, step: int)
             requests.append(engine.add(ids, SamplingParams(max_tokens=cfg.max_completion_tokens,
                                                            temperature=cfg.temperature, top_p=cfg.top_p, seed=seed)))
     engine.run()
-    seqs = [r.prompt + r.tokens for r in requests]
-    S = max(map(len, seqs))
-    ids = torch.full((len(seqs), S), tok.eos_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), S - 1, dtype=torch.bool)
     truncated = [r.finish_reason == "length" for r in requests]
-    for n, (r, seq) in enumerate(zip(requests, seqs)):
-        ids[n, : len(seq)] = torch.tensor(seq)
-        if not (truncated[n] and cfg.mask_truncated):
-            mask[n, len(r.prompt) - 1: len(seq) - 1] = True  # targets at positions of the completion tokens
+    ids, mask = pack([r.prompt for r in requests], [r.tokens for r in requests], truncated, tok.eos_id,
+                     cfg.mask_truncated)
     return Rollout(ids, mask, [o + r.text for o, r in zip(openers, requests)], [len(r.tokens) for r in requests],
                    truncated, sum(len(r.prompt) for r in requests))
+
+
+def pack(prompts: list[list[int]], completions: list[list[int]], truncated: list[bool], pad_id: int,
+         mask_truncated: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded prompt + completion ids (N, S) and the loss mask (N, S - 1): True where the target
+    ids[:, j + 1] is a completion token (its stop token included), except on truncated completions when
+    `mask_truncated`."""
+    seqs = [p + c for p, c in zip(prompts, completions)]
+    S = max(map(len, seqs))
+    ids = torch.full((len(seqs), S), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), S - 1, dtype=torch.bool)
+    for n, (p, seq) in enumerate(zip(prompts, seqs)):
+        ids[n, : len(seq)] = torch.tensor(seq)
+        if not (truncated[n] and mask_truncated):
+            mask[n, len(p) - 1: len(seq) - 1] = True
+    return ids, mask
 
 
 def _logprobs(model, ids, mask, micro: int) -> torch.Tensor:
@@ -123,7 +135,8 @@ def update(model, optimizer, ref, batch: Rollout, adv: torch.Tensor, cfg: GRPOCo
     for epoch in range(cfg.mu):
         order = torch.randperm(len(ids), generator=gen).to(device)
         for mb in order.chunk(cfg.minibatches):
-            norm = {"sequences": len(mb), "tokens": int(mask[mb].sum())}
+            norm = {"sequences": len(mb), "tokens": int(mask[mb].sum()),
+                    "micro_batches": -(-len(mb) // cfg.micro_batch)}
             for micro in mb.split(cfg.micro_batch):
                 logp, ent = token_logprobs(model, ids[micro], mask[micro], entropy=epoch == 0)
                 logp_old = old[micro] if old is not None else logp.detach()
@@ -173,7 +186,7 @@ class GRPOResult:
     last: dict  # the last step record ({} if no step ran)
     elapsed: float  # seconds of training, resumed parts included
     flops: float  # model FLOPs of all steps (`_flops`)
-    peak_flops: float  # the measured GEMM peak
+    peak: Peak  # the GEMM peak that MFU is measured against, and where it came from
     sections: dict[str, dict] = field(default_factory=dict)
     report: Path | None = None
 
@@ -208,13 +221,15 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> GRPO
     tok.save(run)
     log = MetricsLog(run / "metrics.jsonl", keep_until=start if ckpt is not None else None)
     samples = MetricsLog(run / "samples.jsonl", keep_until=start if ckpt is not None else None)
-    peak = gemm_peak(str(device))
+    peak = gemm_peak(str(device))  # fp32: RL trains without autocast
     engine = Engine(model, tok, max_batch=min(cfg.prompts_per_step * cfg.group_size, 256),
                     max_len=cfg.max_prompt_tokens + cfg.max_completion_tokens)
     if start == 0 and cfg.eval_problems:
         log.write({"step": 0, "eval": heldout_eval(model, tok, cfg)})
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="grpo", unit="step", disable=quiet,
                dynamic_ncols=True)
+    if not quiet:
+        bar.write(f"MFU against the GEMM peak {peak}")
     record: dict = {}
     for step in bar:
         t0 = time.perf_counter()
@@ -225,17 +240,21 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> GRPO
             ref.load_state_dict(model.state_dict())
         problems = sample_problems(cfg, step)
         model.eval()
+        t_gen = time.perf_counter()
         batch = rollout(engine, problems, cfg, step)
-        t_roll = time.perf_counter() - t0
+        t_gen = time.perf_counter() - t_gen
         G = cfg.group_size
         scores = [rewards(problems[n // G], text) for n, text in enumerate(batch.texts)]
         r = torch.tensor([s["total"] for s in scores]).view(-1, G)
         adv = group_advantages(r, scale=cfg.advantage == "grpo").flatten()
+        t_update = time.perf_counter()
         stats = update(model, optimizer, ref, batch, adv, cfg, step)
+        t_update = time.perf_counter() - t_update
         step_time = time.perf_counter() - t0
         elapsed += step_time
         flops = _flops(cfg, model.config, batch, ref is not None)
         total_flops += flops
+        peak = honest_peak(peak, flops / step_time)  # measured again where the MFU would exceed 100%
         done = step + 1
         gen = sum(batch.lengths)
         record = {"step": done, "reward": round(float(r.mean()), 4), "reward_std": round(float(r.std()), 4),
@@ -244,12 +263,13 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> GRPO
                   "len": round(gen / len(batch.lengths), 2), "len_max": max(batch.lengths),
                   "truncated": round(sum(batch.truncated) / len(batch.truncated), 4),
                   **{k: round(v, 6) for k, v in stats.items()}, "lr": lr,
-                  "rollout_tok_s": round(gen / t_roll, 1), "step_time": round(step_time, 2),
-                  "mfu": round(flops / step_time / peak, 4), "elapsed": round(elapsed, 2)}
+                  "rollout_tok_s": round(gen / t_gen, 1), "gen_time": round(t_gen, 3),
+                  "update_time": round(t_update, 3), "step_time": round(step_time, 2),
+                  "mfu": round(flops / step_time / peak.flops, 4), "elapsed": round(elapsed, 2)}
         if done % cfg.log_every == 0 or done == cfg.steps:
             log.write(record)
             bar.set_postfix(reward=f"{record['reward']:.3f}", acc=f"{record.get('accuracy', 0):.2f}",
-                            len=f"{record['len']:.0f}")
+                            len=f"{record['len']:.0f}", mfu=f"{record['mfu']:.1%} of {peak.rate} {peak.origin}")
             if not quiet:
                 bar.write(f"{done}/{cfg.steps} | reward {record['reward']:.3f} | reward_std {record['reward_std']:.3f}"
                           f" | frac_zero_std {record['frac_zero_std']:.2f} | len {record['len']:.1f}"
@@ -274,7 +294,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> GRPO
     bar.close()
     log.close()
     samples.close()
-    return GRPOResult(model, tok, record, elapsed, total_flops, gemm_peak(str(device), again=True))
+    return GRPOResult(model, tok, record, elapsed, total_flops, peak)
 
 
 def run(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> GRPOResult:
@@ -293,7 +313,7 @@ def run(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> GRPOResul
         "Held-out (before -> after)": {k: f"{evals[0][k]:.3f} -> {evals[-1][k]:.3f}" for k in evals[0]}
         if len(evals) > 1 else {},
         "Compute": compute_rows(run_compute(1.0, result.flops, result.elapsed, price_per_hour=cfg.price_per_hour,
-                                            peak=result.peak_flops)),
+                                            peak=honest_peak(result.peak, result.flops / max(result.elapsed, 1e-9)))),
         "Use it": {"chat": f"`nanoseek chat {cfg.out_dir}`", "serve": f"`nanoseek serve {cfg.out_dir}`"},
     }
     result.report = write_report(run_dir, result.sections)

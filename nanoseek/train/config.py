@@ -181,7 +181,7 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """TOML run file (optional) + `key=value` overrides (dotted for tables: `optim.lr=1e-3`)."""
-    table = read_toml(path)
+    table = read_toml(path, overrides)
     preset = table.pop("preset", "nano")
     for item in overrides:
         if item.startswith("preset="):
@@ -193,17 +193,43 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     return apply_overrides(cfg, [o for o in overrides if not o.startswith("preset=")])
 
 
-def read_toml(path: str | Path | None) -> dict:
-    """A TOML run file as a dict ({} for None); errors name the file."""
+def read_toml(path: str | Path | None, overrides: list[str] = ()) -> dict:
+    """A TOML run file as a dict ({} for None); errors name the file. Its relative paths to existing
+    folders (`PATH_KEYS`) are resolved (`_resolve_paths`) unless a `key=value` override replaces them."""
     if path is None:
         return {}
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"run config {str(path)!r} does not exist")
     try:
-        return tomllib.loads(path.read_text())
+        table = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"run config {str(path)!r} is not valid TOML: {e}") from None
+    return _resolve_paths(table, path, {o.split("=", 1)[0].strip() for o in overrides})
+
+
+PATH_KEYS = ("init", "data.path")  # run-file keys that name folders which must already exist
+
+
+def _resolve_paths(table: dict, path: Path, skip: set[str]) -> dict:
+    """A relative `init` / `data.path` in run file `path` means the folder beside the file when it exists there
+    (configs/grpo.toml's init from any directory), else the one in the working directory; neither is an error
+    that names both places."""
+    for key in PATH_KEYS:
+        *heads, last = key.split(".")
+        holder = table
+        for head in heads:
+            holder = holder.get(head) if isinstance(holder, dict) else None
+        value = holder.get(last) if isinstance(holder, dict) else None
+        if key in skip or not isinstance(value, str) or not value or Path(value).expanduser().is_absolute():
+            continue
+        beside = path.parent / value
+        if beside.exists():
+            holder[last] = str(beside)
+        elif not Path(value).exists():
+            raise ValueError(f"{key} = {value!r} in {path}: a relative path is looked up beside the run file "
+                             f"({beside}), then in the working directory ({Path.cwd() / value}); neither exists")
+    return table
 
 
 def flatten_table(table: dict, prefix: str = "") -> list[str]:

@@ -26,7 +26,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from nanoseek.cost import gemm_peak, run_compute, train_flops_per_token
+from nanoseek.cost import run_compute, train_flops_per_token
+from nanoseek.peak import Peak, gemm_peak, honest_peak
 from nanoseek.data.builtin import ensure_builtin_data, get_mix
 from nanoseek.data.loader import TokenLoader
 from nanoseek.data.shards import ShardSet
@@ -139,7 +140,7 @@ class TrainResult:
     last: dict  # the last step record of metrics.jsonl ({} if no step ran)
     elapsed: float  # seconds of training, resumed parts included
     flops_per_token: float  # training, with MTP
-    peak_flops: float  # the measured GEMM peak per device (rank 0)
+    peak: Peak  # the GEMM peak per device that MFU is measured against (rank 0), and where it came from
     rank: int = 0
     world: int = 1
     config: TrainConfig | None = None  # run(): the config as trained (vocabulary from the tokenizer)
@@ -212,10 +213,13 @@ def _train(cfg: TrainConfig, shard_dir: Path, resume: bool, quiet: bool, init, p
     log = MetricsLog(run / "metrics.jsonl", keep_until=start if ckpt is not None else None) if rank == 0 \
         else _NoLog()
     flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len, mtp=True).total
-    peak = gemm_peak(str(device)) if rank == 0 else float("nan")  # per device; MFU is logged by rank 0
+    peak = gemm_peak(str(device), "bf16" if uses_bf16(device, cfg.dtype) else "fp32") if rank == 0 \
+        else Peak(math.nan, "measured on rank 0", "")  # MFU is logged by rank 0
     n_moe = len(model.moe_layers())
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train", unit="step",
                disable=quiet, dynamic_ncols=True)
+    if not quiet:
+        bar.write(f"MFU against the GEMM peak {peak}")
     window_time, window_tokens, record = 0.0, 0, {}
     for step in bar:
         t0 = time.perf_counter()
@@ -263,13 +267,16 @@ def _train(cfg: TrainConfig, shard_dir: Path, resume: bool, quiet: bool, init, p
         if done % cfg.log_every == 0 or last or not finite:
             tok_s = window_tokens / window_time
             window_time, window_tokens = 0.0, 0
+            achieved = flops_per_token * tok_s / world  # FLOP/s per device
+            peak = honest_peak(peak, achieved)  # measured again where the MFU would exceed 100%
             record = {"step": done, **{k: round(v, 6) for k, v in sums.items()}, "lr": lr,
                       "grad_norm": round(grad_norm, 4), "tok_s": round(tok_s, 1),
-                      "mfu": round(flops_per_token * tok_s / (peak * world), 4), "max_vio": [round(v, 4) for v in
+                      "mfu": round(achieved / peak.flops, 4), "max_vio": [round(v, 4) for v in
                       max_violation(counts)] if n_moe else [], "tokens": done * cfg.tokens_per_step,
                       "elapsed": round(elapsed, 2), "skipped": not finite}
             log.write(record)
-            bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{tok_s:,.0f}", mfu=f"{record['mfu']:.1%}")
+            bar.set_postfix(loss=f"{sums['loss']:.4f}", tok_s=f"{tok_s:,.0f}",
+                            mfu=f"{record['mfu']:.1%} of {peak.rate} {peak.origin}")
             if not quiet:
                 bar.write(f"{done}/{cfg.steps} | loss {sums['loss']:.4f} | lr {lr:.2e} | grad_norm {grad_norm:.3f}"
                           f" | tok/s {tok_s:,.0f} | mfu {record['mfu']:.1%}")
@@ -291,7 +298,6 @@ def _train(cfg: TrainConfig, shard_dir: Path, resume: bool, quiet: bool, init, p
     log.close()
     if par:  # the final weights as one plain model (what inference and evaluation take), on rank 0
         model = load_pretrained(latest_checkpoint(run), device=device).model.train() if rank == 0 else None
-    peak = gemm_peak(str(device), again=True) if rank == 0 else peak
     return TrainResult(model, record, elapsed, flops_per_token, peak, rank, world)
 
 
@@ -343,6 +349,7 @@ def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> TrainRes
     tokens = last.get("tokens", cfg.steps * cfg.tokens_per_step)
     device = resolve_device(cfg.device)
     _, evals = read_metrics(run_dir)
+    peak = honest_peak(result.peak, result.flops_per_token * tokens / max(result.elapsed, 1e-9) / result.world)
     result.sections = {
         "Run": {"model": f"{cfg.preset}: {cfg.model.summary()}", "data": str(shard_dir),
                 "steps": f"{last.get('step', cfg.steps)} x {cfg.tokens_per_step:,} tokens", "tokens": f"{tokens:,}",
@@ -350,9 +357,8 @@ def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> TrainRes
                 "wall time": f"{result.elapsed:.0f} s"},
         "Compute": {"FLOPs per token (training, with MTP)": f"{result.flops_per_token / 1e6:.1f} MFLOP",
                     "device": f"{result.world} x {device}" if result.world > 1 else str(device),
-                    "measured GEMM peak": f"{result.peak_flops / 1e9:.0f} GFLOP/s",
                     **compute_rows(run_compute(result.flops_per_token, tokens, result.elapsed, result.world,
-                                               cfg.price_per_hour, result.peak_flops))},
+                                               cfg.price_per_hour, peak))},
     }
     result.report = write_report(run_dir, result.sections)
     result.tokenizer = tok

@@ -1,3 +1,4 @@
+import json
 import random
 
 import pytest
@@ -52,6 +53,7 @@ def test_special_tokens(tokenizer):
         assert tokenizer.encode(s) == [i]
         assert tokenizer.decode([i]) == s
     assert tokenizer.encode("a", bos=True, eos=True) == [0, *tokenizer.encode("a"), 1]
+    assert tokenizer.special_ids == {0, 1, 2, 3}  # <think> (4) and </think> (5) are added, not special (R1)
     # <answer> is plain text (R1): never a special id, but learned as one merged token from the documents
     assert not set(tokenizer.encode("<answer>42</answer>")) & tokenizer.special_ids
     assert len(tokenizer.encode("<answer>")) == 1
@@ -125,3 +127,32 @@ def test_tokenizer_errors(tmp_path):
     args = ["tokenizer", "--input", str(tmp_path / "missing.txt"), "--vocab-size", "300", "--out", str(out)]
     assert main(args) == 2
     assert not out.exists()  # refused before training
+
+
+def test_think_tags_survive_skipping_special_tokens(tokenizer, tmp_path):
+    """As in DeepSeek-R1's tokenizer: a decoder that drops special tokens (TRL's completions) keeps the think
+    tags, and transformers reads the saved files the same way."""
+    transformers = pytest.importorskip("transformers")
+    text = "<|assistant|><think>1+2=3</think><answer>3</answer><|end_of_text|>"
+    ids = tokenizer.encode(text)
+    assert ids[:2] == [3, 4] and 5 in ids
+    assert tokenizer._tok.decode(ids, skip_special_tokens=True) == "<think>1+2=3</think><answer>3</answer>"
+    tokenizer.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert hf(text, add_special_tokens=False)["input_ids"] == ids
+    assert hf.decode(ids, skip_special_tokens=True) == "<think>1+2=3</think><answer>3</answer>"
+    assert hf.decode(ids) == tokenizer.decode(ids) == text
+
+
+def test_a_tokenizer_trained_with_special_think_tags_still_loads(tokenizer, tmp_path):
+    """Tokenizers trained before made <think> / </think> special: same ids, same text, still nanoseek's own."""
+    spec = json.loads(tokenizer._tok.to_str())
+    for added in spec["added_tokens"]:
+        added["special"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    old = Tokenizer.load(tmp_path)
+    assert old.special_ids == {0, 1, 2, 3, 4, 5}
+    text = "12+34= <think>a</think> <answer>46</answer>"
+    assert old.encode(text) == tokenizer.encode(text) and old.decode(old.encode(text)) == text
+    assert (old.bos_id, old.eos_id, old.chat_markers) == (0, 1, (2, 3))
+    assert old.render_chat([{"role": "user", "content": "1+1="}]) == "<|begin_of_text|><|user|>1+1=<|assistant|>"

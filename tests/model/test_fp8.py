@@ -322,3 +322,17 @@ def test_transformers_reads_our_fp8_export(tiny_run, tmp_path):
     ids = torch.randint(0, ours.config.vocab_size, (2, 40))
     with torch.no_grad():
         torch.testing.assert_close(ref(ids).logits, ours(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_fp8_model_steps_under_bf16_autocast():
+    """precision=fp8 with dtype=bf16 (the CUDA default of FP8 runs): the experts' bf16 output meets the fp32
+    residual stream without a dtype clash, and the step is finite."""
+    from nanoseek import ModelConfig, Transformer
+    from nanoseek.model.fp8_linear import to_fp8
+
+    model = to_fp8(Transformer(ModelConfig.preset("tiny")))
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

@@ -29,6 +29,7 @@ def test_k3_is_nonnegative_and_zero_when_policies_agree():
 @pytest.mark.parametrize("agg, value, weights", [
     ("sequence", 0.0, [0.25, 0.125]),  # (1/B) sum_i 1/|o_i|: short sequences weigh more
     ("token", 1 / 3, [1 / 6, 1 / 6]),  # 1 / total tokens
+    ("micro_token", 1 / 3, [1 / 6, 1 / 6]),  # BNPO: 1 / tokens of the micro-batch (here the whole minibatch)
     ("constant", 1 / 4, [1 / 8, 1 / 8]),  # 1 / (B L_max)
 ])
 def test_loss_aggregation_hand_check(agg, value, weights):
@@ -37,7 +38,7 @@ def test_loss_aggregation_hand_check(agg, value, weights):
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     logp = torch.zeros(2, 4, requires_grad=True)
     adv = torch.tensor([1.0, -1.0])
-    loss, _ = policy_loss(logp, logp.detach(), adv, mask, cfg, {"sequences": 2, "tokens": 6})
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, cfg, {"sequences": 2, "tokens": 6, "micro_batches": 1})
     assert float(loss.detach()) == pytest.approx(value, abs=1e-6)
     loss.backward()
     # d loss / d logp = -A * weight on each completion token, 0 on padding
@@ -130,6 +131,9 @@ def test_grpo_raises_an_easy_reward(rl_cfg):
     assert len(rewards) == 8
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
     assert all(r["frac_zero_std"] < 1 and r["entropy"] > 0 for r in records(cfg))
+    # generation and update seconds beside rollout tok/s: parts of the step
+    assert all(0 < r["gen_time"] and 0 < r["update_time"] and r["gen_time"] + r["update_time"] <= r["step_time"] + 0.01
+               for r in records(cfg))
     samples = [json.loads(line) for line in open(f"{cfg.out_dir}/samples.jsonl")]
     assert {s["step"] for s in samples} == {5, 8} and all("completion" in s for s in samples)
 
@@ -147,7 +151,8 @@ def test_grpo_resumes_exactly(rl_cfg):
         run_grpo(cfg, quiet=True)
     run_grpo(cfg, resume=True, quiet=True)
     resumed = records(cfg)
-    strip = lambda rs: [{k: v for k, v in r.items() if k not in ("step_time", "elapsed", "mfu", "rollout_tok_s")}
+    timing = ("step_time", "gen_time", "update_time", "elapsed", "mfu", "rollout_tok_s")
+    strip = lambda rs: [{k: v for k, v in r.items() if k not in timing}
                         for r in rs]
     assert strip(resumed) == strip(straight)
     assert all(r["kl"] > 0 for r in resumed)  # beta > 0: the policy moves away from the reference

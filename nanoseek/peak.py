@@ -1,0 +1,232 @@
+"""The peak FLOP/s MFU is measured against (perf-notes section 3): GPUs' dense tensor-core peaks from their
+datasheets (`GPUS`, no 2:4 sparsity); on a CPU, the best GEMM measurement taken at idle, cached per machine
+(CPU model, threads, torch version, dtype) in the user's cache directory (`gemm_peak`). A measurement taken
+while the cores are busy never enters the cache, and a run's peak is never below its own throughput
+(`honest_peak`: MFU <= 1; a stale peak is re-measured, with a warning).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import warnings
+from datetime import date
+from pathlib import Path
+from typing import NamedTuple
+
+
+# ---------------------------------------------------------------------- hardware
+class GPU(NamedTuple):
+    name: str
+    peaks: dict  # precision -> dense FLOP/s; None: measured on the spot
+    source: str
+    memory: float | None = None  # bytes of HBM (datasheet), for `nanoseek plan`
+
+
+GPUS: dict[str, GPU] = {
+    "h800": GPU("NVIDIA H800 SXM5", {"bf16": 989.5e12, "fp8": 1979e12},
+                "NVIDIA H800 Tensor Core GPU datasheet: BF16 1,979 / FP8 3,958 TFLOP/s with 2:4 sparsity, dense is "
+                "half; the H100 SXM5's compute (NVLink cut to 400 GB/s, FP64 cut)", 80e9),
+    "h100": GPU("NVIDIA H100 SXM5", {"bf16": 989.5e12, "fp8": 1979e12},
+                "NVIDIA H100 Tensor Core GPU datasheet (SXM5): BF16 1,979 / FP8 3,958 TFLOP/s with 2:4 sparsity, "
+                "dense is half", 80e9),
+    "h200": GPU("NVIDIA H200 SXM", {"bf16": 989.5e12, "fp8": 1979e12},
+                "NVIDIA H200 Tensor Core GPU datasheet (SXM): BF16 1,979 / FP8 3,958 TFLOP/s with 2:4 sparsity, "
+                "dense is half; the H100's compute with 141 GB of HBM3e at 4.8 TB/s", 141e9),
+    "a100": GPU("NVIDIA A100 SXM", {"bf16": 312e12},
+                "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOP/s dense (624 with sparsity); no FP8", 80e9),
+    "cpu": GPU("this machine's CPU", {"fp32": None},
+               "measured now: max over 3 repeats of fp32 a@b at 2048^3 and 4096^3 (perf-notes section 3)"),
+}
+
+
+def measure_gemm_peak(dtype=None, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3, device=None) -> float:
+    """Peak matmul FLOP/s of `device` (default cpu): the max over `repeats` timed runs of a @ b at n^3 for each
+    n in `sizes`, counting 2 n^3 FLOPs, after one untimed warm-up per size (perf-notes section 3). dtype
+    defaults to what the device trains in: float32 on CPU, bfloat16 on CUDA."""
+    import torch
+
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = 0.0
+    with torch.inference_mode():
+        for n in sizes:
+            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+            a @ b
+            sync()
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                a @ b
+                sync()
+                best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
+# ---------------------------------------------------------------------- the peak MFU is measured against
+BUSY_CORES = 0.25  # a measurement is under load when other processes use more cores than this (bench/hostload.py)
+MIN_SHARE = 0.75  # or when the measuring thread runs less than this share of the wall time (cores oversubscribed)
+DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # precision -> the dtype a peak is measured in
+
+
+class Peak(NamedTuple):
+    """The dense GEMM peak (FLOP/s per device) that MFU is measured against, and where it came from."""
+    flops: float
+    origin: str  # datasheet | measured at idle | cached | measured under load | this run's throughput
+    detail: str  # the GPU, or the date (and the cache file, or why the measurement cannot stand)
+    device: str = "cpu"
+    precision: str = "fp32"  # fp32 | bf16 (| fp8 on a GPU)
+
+    def __str__(self) -> str:
+        return f"{self.rate} ({self.origin}, {self.detail})"
+
+    @property
+    def rate(self) -> str:
+        return f"{self.flops / 1e12:,.0f} TFLOP/s" if self.flops >= 1e13 else f"{self.flops / 1e9:,.0f} GFLOP/s"
+
+
+class StalePeakWarning(RuntimeWarning):
+    """A run went faster than its GEMM peak: the peak had been measured while the cores were busy."""
+
+
+def peak_cache_path() -> Path:
+    """$NANOSEEK_CACHE_DIR/peak.json, else $XDG_CACHE_HOME/nanoseek/peak.json, else ~/.cache/nanoseek/peak.json."""
+    env = os.environ.get
+    return Path(env("NANOSEEK_CACHE_DIR") or Path(env("XDG_CACHE_HOME") or Path.home() / ".cache", "nanoseek"),
+                "peak.json")
+
+
+def peak_key(device: str, precision: str) -> str:
+    """What a measured peak belongs to: the chip (/proc/cpuinfo's model name, or the GPU's), torch's threads and
+    version, the dtype. E.g. "AMD EPYC | 2 threads | torch 2.13.0+cpu | float32"."""
+    import platform
+
+    import torch
+
+    try:
+        cpu = [x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")][:1]
+    except OSError:
+        cpu = []
+    chip = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "".join(cpu)
+    return f"{chip or platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | " \
+           f"torch {torch.__version__} | {DTYPES.get(precision, precision)}"
+
+
+def cached_peaks() -> dict[str, dict]:
+    """The peak cache: key -> {"flops", "date", "other_cores", "thread_share"}; {} if absent or unreadable."""
+    try:
+        return json.loads(peak_cache_path().read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _cache_peak(key: str, entry: dict) -> None:
+    """Raise the cached peak of `key` to `entry` (never lower it), atomically: a temporary file, then a rename."""
+    peaks, path = cached_peaks(), peak_cache_path()
+    if peaks.get(key, {}).get("flops", 0.0) < entry["flops"]:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_text(json.dumps({**peaks, key: entry}, indent=1, sort_keys=True))
+            os.replace(tmp, path)
+        except OSError as e:
+            warnings.warn(f"the GEMM peak was not cached in {path}: {e}", stacklevel=3)
+
+
+def _busy_s() -> float:
+    """Busy CPU seconds of the whole machine (/proc/stat: all but idle and iowait), nan without /proc."""
+    try:
+        f = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    except OSError:
+        return math.nan
+    return (sum(f[:8]) - f[3] - f[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def measure_at_idle(device: str = "cpu", precision: str = "fp32", repeats: int = 10) -> tuple[float, dict]:
+    """A GEMM peak (`measure_gemm_peak`, 2048^3 on CPU, max of `repeats`) and the load during it: "other_cores"
+    (cores other processes kept busy: /proc/stat minus this process), "thread_share" (the measuring thread's CPU
+    time / wall time: below 1 when the cores are oversubscribed, by this process's own threads too), and
+    "busy": why the measurement cannot stand for the machine ("" when clean; GPUs are not checked)."""
+    import torch
+
+    cuda, own = torch.device(device).type == "cuda", lambda: sum(os.times()[:2])
+    b0, o0, c0, t0 = _busy_s(), own(), time.thread_time(), time.perf_counter()
+    flops = measure_gemm_peak(getattr(torch, DTYPES.get(precision, "bfloat16")), (8192,) if cuda else (2048,),
+                              repeats, device)
+    wall = max(time.perf_counter() - t0, 1e-9)
+    other, share = max(0.0, _busy_s() - b0 - (own() - o0)) / wall, (time.thread_time() - c0) / wall
+    busy = "" if cuda else f"other processes kept {other:.2f} cores busy" if other > BUSY_CORES else \
+        f"the measuring thread ran {share:.0%} of the time" if share < MIN_SHARE else ""
+    return flops, {"other_cores": round(other, 3), "thread_share": round(share, 3), "busy": busy}
+
+
+_PEAKS: dict[str, Peak] = {}  # per process: the peak in use, per `peak_key`
+
+
+def gemm_peak(device: str = "cpu", precision: str = "fp32", again: bool = False, attempts: int = 2) -> Peak:
+    """The peak MFU is measured against. A GPU in `GPUS`: its datasheet's dense peak (bf16 unless `precision` is
+    listed). Otherwise the best clean measurement cached for this machine (`peak_key`, `peak_cache_path`),
+    measured (up to `attempts` times while the cores are busy) when none is cached or `again`. A clean
+    measurement raises the cache; one under load is never cached and stands in only where it beats the cache."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        gpu = next((g for k, g in GPUS.items() if k != "cpu" and k in torch.cuda.get_device_name(device).lower()), None)
+        if gpu is not None:
+            p = precision if precision in gpu.peaks else "bf16"
+            return Peak(gpu.peaks[p], "datasheet", f"{gpu.name} {p} dense", device, precision)
+    key, today = peak_key(device, precision), date.today().isoformat()
+    if key in _PEAKS and not again:
+        return _PEAKS[key]
+    entry = cached_peaks().get(key)
+    best = Peak(entry["flops"], "cached", f"measured at idle on {entry['date']} in {peak_cache_path()}", device,
+                precision) if entry else _PEAKS.get(key)
+    loaded: tuple[float, dict] = (0.0, {})
+    for attempt in range(attempts if best is None or again else 0):
+        flops, load = measure_at_idle(device, precision)
+        if not load.pop("busy"):
+            _cache_peak(key, {"flops": flops, "date": today, **load})
+            if best is None or flops > best.flops:
+                best = Peak(flops, "measured at idle", today, device, precision)
+            break
+        loaded = max(loaded, (flops, load), key=lambda m: m[0])
+        time.sleep(0.5 if attempt + 1 < attempts else 0)
+    else:
+        if loaded[0] > (best.flops if best is not None else 0.0):
+            best = Peak(loaded[0], "measured under load", f"{today}: other processes kept "
+                        f"{loaded[1]['other_cores']:.2f} cores busy, this thread ran {loaded[1]['thread_share']:.0%} "
+                        f"of the time; a lower bound", device, precision)
+    _PEAKS[key] = best
+    return best
+
+
+def honest_peak(peak: Peak, achieved: float) -> Peak:
+    """`peak`, unless `achieved` FLOP/s per device exceeds it (an MFU above 100%: a peak measured while the
+    cores were busy). Then warn (StalePeakWarning), measure again (raising the cache if clean; once: not after
+    a measurement already fell short), and where that stays below `achieved`, take `achieved` (a machine that
+    did X FLOP/s peaks at X or more): achieved / peak.flops <= 1 by construction."""
+    if not achieved > peak.flops:  # also with a nan peak (ranks other than 0 log no MFU)
+        return peak
+    new = peak
+    if peak.origin not in ("datasheet", "this run's throughput"):
+        warnings.warn(f"this run did {achieved / 1e9:,.0f} GFLOP/s per device, above the GEMM peak {peak}: the peak "
+                      f"is stale (measured while the cores were busy); measuring it again", StalePeakWarning, 2)
+        new = gemm_peak(peak.device, peak.precision, again=True)
+    return new if achieved <= new.flops else new._replace(flops=achieved, origin="this run's throughput", detail=(
+        f"{date.today().isoformat()}: above the {new.origin} peak, {new.rate}"))
+
+
+def peak_flops(gpu: str, precision: str | None = None) -> tuple[float, str, str]:
+    """(dense peak FLOP/s, precision, "datasheet" or "measured") of a `GPUS` entry; precision defaults to the
+    first the entry lists (bf16 for GPUs, fp32 for cpu)."""
+    if gpu not in GPUS:
+        raise ValueError(f"--gpu {gpu} is unknown; choose one of {', '.join(sorted(GPUS))}")
+    peaks = GPUS[gpu].peaks
+    precision = precision or next(iter(peaks))
+    if precision not in peaks:
+        raise ValueError(f"--precision {precision} is not available on {gpu}; choose one of {', '.join(peaks)}")
+    if peaks[precision] is None:
+        return measure_gemm_peak(), precision, "measured"
+    return peaks[precision], precision, "datasheet"
