@@ -24,7 +24,7 @@ from typing import NamedTuple
 from nanoseek.config import ModelConfig, fmt_count
 from nanoseek.cost import load_config
 from nanoseek.peak import GPUS
-from nanoseek.cost_report import Table
+from nanoseek.table import Table
 
 GPU_MEMORY = {name: gpu.memory for name, gpu in GPUS.items() if gpu.memory}  # bytes of HBM (peak.GPUS)
 

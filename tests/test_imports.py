@@ -18,8 +18,9 @@ ALLOWED = {
     "model": {"config"},  # the reference forward: no training, serving, distribution, files or CLI
     "peak": set(),  # the FLOP/s a device reaches: datasheets, a cached idle measurement
     "cost": {"config", "peak"},  # the formulas
-    "cost_report": {"config", "cost", "peak"},  # their tables (`nanoseek cost`)
-    "plan": {"config", "cost", "cost_report", "peak"},
+    "table": set(),  # tables of marked values, as text or JSON
+    "cost_report": {"config", "cost", "peak", "table"},  # the formulas' tables (`nanoseek cost`)
+    "plan": {"config", "cost", "peak", "table"},
     "hf": {"config", "data", "model", "runs"},  # model folders in and out
     "dist": {"config", "model", "runs"},  # applied to a plain model from outside
     "infer": {"config", "data", "hf", "model"},  # serving knows no training, RL or distribution
