@@ -3,6 +3,12 @@ tokens/s.
 
     .venv/bin/python bench/rl_gain.py                      # seeds 0 1 2 from runs/nano, configs/grpo.toml
     .venv/bin/python bench/rl_gain.py --seeds 0 1 steps=30 # fewer seeds, GRPOConfig overrides
+    .venv/bin/python bench/rl_gain.py --fresh              # the whole demo from scratch, seeds 0 1 2
+
+--fresh runs `nanoseek demo --seed S --runs runs/fresh/seed<S>` for each seed S (each stage reused when
+finished): the seed changes the corpus, the initialisation, the data order and the sampling, standing in for
+the float rounding of another machine, which tips the pretraining's phase change the same way. It prints each
+stage's held-out pass@1 and the spread over runs.
 
 The seed changes the training prompts, the sampling seeds and the held-out draw (so "before" is measured
 per seed). Runs go to runs/rl_gain/seed<N> (reused if finished: delete them to measure again).
@@ -37,13 +43,50 @@ def one_seed(config: str, init: str, seed: int, overrides: list[str]) -> dict:
             "train_s": steps[-1]["elapsed"]}
 
 
+def fresh(seeds: list[int], quiet: bool) -> None:
+    """The whole demo from scratch once per seed; a row per run and the spread."""
+    from nanoseek.demo import main as demo
+
+    rows = []
+    n = len(seeds)
+    for seed in seeds:
+        runs = ROOT / "runs" / "fresh" / f"seed{seed}"
+        args = argparse.Namespace(seed=seed, runs=str(runs), quiet=quiet, out=None,
+                                  pretrain_config=str(ROOT / "configs" / "nano.toml"),
+                                  grpo_config=str(ROOT / "configs" / "grpo.toml"),
+                                  sft_config=str(ROOT / "configs" / "sft.toml"))
+        demo(args)
+        result = json.loads((runs / "demo" / "results.json").read_text())
+        rows.append({"seed": seed, **{k: v["pass@1"] for k, v in result["evals"].items()},
+                     "greedy": result["evals"]["pretrained"]["greedy"],
+                     "seconds": sum(s["train seconds"] for s in result["stages"].values())})
+    print("\n| seed | pretrained greedy | pass@1 pretrained | after GRPO | SFT control | GRPO gain (points) |"
+          " GRPO - SFT (points) | training s |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for r in rows:
+        print(f"| {r['seed']} | {r['greedy']:.3f} | {r['pretrained']:.3f} | {r['after GRPO']:.3f} | "
+              f"{r['SFT control']:.3f} | {100 * (r['after GRPO'] - r['pretrained']):+.1f} | "
+              f"{100 * (r['after GRPO'] - r['SFT control']):+.1f} | {r['seconds']:.0f} |")
+    for name in ("pretrained", "after GRPO", "SFT control"):
+        values = [100 * r[name] for r in rows]
+        print(f"{name}: pass@1 {statistics.median(values):.1f}% (min {min(values):.1f}, max {max(values):.1f}) "
+              f"over {n} fresh runs")
+    gains = [100 * (r["after GRPO"] - r["pretrained"]) for r in rows]
+    print(f"GRPO gain: min {min(gains):+.1f}, median {statistics.median(gains):+.1f}, max {max(gains):+.1f} points; "
+          f"GRPO above the SFT control in {sum(r['after GRPO'] > r['SFT control'] for r in rows)} of {n} runs")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("overrides", nargs="*", help="GRPOConfig fields as key=value")
     ap.add_argument("--config", default=str(ROOT / "configs" / "grpo.toml"))
     ap.add_argument("--init", default=str(ROOT / "runs" / "nano"), help="the pretrained policy")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--fresh", action="store_true", help="run the whole demo from scratch once per seed")
+    ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
+    if args.fresh:
+        return fresh(args.seeds, args.quiet)
     rows = []
     for seed in args.seeds:
         rows.append(one_seed(args.config, args.init, seed, args.overrides))

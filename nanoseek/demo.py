@@ -8,6 +8,9 @@
        runs/demo/report.md: accuracy before / after, compute per stage, plots, how to chat or serve
 
 A stage whose run directory already holds a finished run is reused (a killed demo resumes where it stopped).
+`--seed N` changes every seed of the story (the corpus and its tokenizer, the initialisation, the data order,
+the GRPO prompts and samples, the held-out draw); `--runs DIR` puts the stages' run directories and the report
+under DIR (bench/rl_gain.py --fresh runs the whole demo this way, once per seed).
 """
 
 from __future__ import annotations
@@ -35,25 +38,34 @@ def finished(run_dir: str | Path) -> bool:
 
 
 def main(args) -> int:
-    out = Path(args.out)
+    runs = Path(args.runs) if getattr(args, "runs", None) else None
+    seed = getattr(args, "seed", None)
+    seeds = [] if seed is None else [f"seed={seed}"]
+
+    def place(stage: str) -> list[str]:
+        return [f"out_dir={runs / stage}"] if runs else []
+
+    out = runs / "demo" if runs else Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stages: dict[str, dict] = {}
     t0 = time.perf_counter()
 
-    base_cfg = load_train_config(args.pretrain_config, [])
+    corpus = [] if seed is None else [f"data.builtin_seed={seed}"]
+    base_cfg = load_train_config(args.pretrain_config, [*seeds, *corpus, *place("nano")])
     if not finished(base_cfg.out_dir):
         print(f"== 1/3 pretraining ({args.pretrain_config} -> {base_cfg.out_dir})")
         pretrain.run(base_cfg, resume=latest_checkpoint(Path(base_cfg.out_dir)) is not None, quiet=args.quiet)
     stages["pretrain"] = _stage_summary(base_cfg.out_dir)
 
-    grpo_cfg = load_grpo_config(args.grpo_config, [f"init={base_cfg.out_dir}"])
+    grpo_cfg = load_grpo_config(args.grpo_config, [f"init={base_cfg.out_dir}", *seeds, *place("grpo")])
     if not finished(grpo_cfg.out_dir):
         print(f"== 2/3 GRPO ({args.grpo_config} -> {grpo_cfg.out_dir})")
         rl.run(grpo_cfg, resume=latest_checkpoint(Path(grpo_cfg.out_dir)) is not None, quiet=args.quiet)
     stages["grpo"] = _stage_summary(grpo_cfg.out_dir)
 
     seconds = stages["grpo"]["train seconds"]
-    sft_cfg = load_train_config(args.sft_config, [f"init={base_cfg.out_dir}", f"time_limit={seconds}"])
+    sft_cfg = load_train_config(args.sft_config, [f"init={base_cfg.out_dir}", f"time_limit={seconds}", *seeds,
+                                                 *place("sft")])
     sft_cfg = dataclasses.replace(sft_cfg, data=dataclasses.replace(base_cfg.data, loss_on="assistant"))
     if not finished(sft_cfg.out_dir):
         print(f"== 3/3 control: SFT for the same {seconds:.0f} s ({args.sft_config} -> {sft_cfg.out_dir})")

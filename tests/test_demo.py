@@ -35,3 +35,25 @@ def test_demo_runs_every_stage_and_reports(tmp_path, shard_dir, capsys):
     assert "held-out pass@1: pretrained" in capsys.readouterr().out
     # a second run reuses the finished stages
     assert main(args) == 0
+
+
+def test_demo_seed_changes_every_stage_and_runs_go_under_one_folder(tmp_path, shard_dir):
+    """`--seed` reaches the pretraining (init, data order, corpus), GRPO and the control; `--runs` holds them all."""
+    pre, grpo, sft = tmp_path / "pre.toml", tmp_path / "grpo.toml", tmp_path / "sft.toml"
+    pre.write_text(f'preset = "tiny"\nsteps = 2\nbatch_size = 2\neval_every = 2\neval_batches = 1\nckpt_every = 2\n'
+                   f'[data]\npath = "{shard_dir}"\nseq_len = 32\n')
+    grpo.write_text('tasks = "add"\ndifficulty = 1\nsteps = 1\nprompts_per_step = 1\ngroup_size = 2\n'
+                    'max_completion_tokens = 4\neval_problems = 2\neval_k = 1\nckpt_every = 1\n')
+    sft.write_text(f'steps = 5\nbatch_size = 2\neval_every = 5\neval_batches = 1\nckpt_every = 5\n'
+                   f'[data]\npath = "{shard_dir}"\nseq_len = 32\n')
+    runs = tmp_path / "fresh"
+    assert main(["demo", "--pretrain-config", str(pre), "--grpo-config", str(grpo), "--sft-config", str(sft),
+                 "--seed", "7", "--runs", str(runs), "--quiet"]) == 0
+    assert (runs / "demo" / "results.json").is_file()
+    for stage in ("nano", "grpo", "sft"):
+        state = json.loads(sorted((runs / stage / "checkpoints").glob("step_*"))[-1].joinpath("state.json")
+                           .read_text())
+        assert state["config"]["seed"] == 7, stage
+    pre_state = json.loads(sorted((runs / "nano" / "checkpoints").glob("step_*"))[-1].joinpath("state.json")
+                           .read_text())
+    assert pre_state["config"]["data"]["builtin_seed"] == 7

@@ -94,6 +94,8 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--grpo-config", default="configs/grpo.toml")
     p.add_argument("--sft-config", default="configs/sft.toml")
     p.add_argument("--out", default="runs/demo", help="where the demo report goes")
+    p.add_argument("--seed", type=int, default=None, help="one seed for every stage (corpus, init, data, sampling)")
+    p.add_argument("--runs", default=None, help="put every stage's run directory and the report under this folder")
     p.add_argument("--quiet", action="store_true")
 
 

@@ -24,6 +24,7 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from nanoseek.model.moe import Experts
+from nanoseek.model.workspace import Workspace
 
 
 class ExpertParallel(Experts):
@@ -45,6 +46,7 @@ class ExpertParallel(Experts):
         block = slice(self.expert_offset, self.expert_offset + self.n_local)
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[block].clone())
         self.down_proj = nn.Parameter(experts.down_proj.detach()[block].clone())
+        self._workspaces = (Workspace(), Workspace())
 
     def global_shape(self, local: torch.Tensor) -> torch.Size:
         """Shape of the whole layer's tensor of which `local` (a parameter or its optimizer state) is a block."""

@@ -130,11 +130,19 @@ def distributions(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
 
 def draw(probs: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
          ) -> torch.Tensor:
-    """One token per row (b,): the argmax for greedy rows, a draw from the row's generator otherwise."""
+    """One token per row (b,): the argmax for greedy rows; for the others inverse-CDF sampling with one uniform
+    u from the row's generator, the first token whose cumulative probability (fp64) exceeds u times the row's
+    total (a token of probability 0 is never drawn). All rows at once: one uniform per row is the only per-row
+    work."""
     out = probs.argmax(dim=-1)
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if not p.greedy:
-            out[i] = torch.multinomial(probs[i], 1, generator=g)[0]
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    if rows:
+        idx = torch.tensor(rows, device=probs.device)
+        u = torch.stack([torch.rand((), generator=generators[i], device=probs.device, dtype=torch.float64)
+                         for i in rows])
+        cdf = probs[idx].double().cumsum(dim=-1)
+        token = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True)[:, 0]
+        out[idx] = token.clamp_max(probs.shape[-1] - 1)
     return out
 
 

@@ -7,67 +7,106 @@ The rows are processed in chunks that fit in cache; the gradients are computed i
 Liger's fused linear cross-entropy) and handed to autograd, so training never holds the full logits in
 memory. The FLOPs are those of the plain head + cross-entropy (forward and backward). Without autograd
 the gradient work is skipped.
+
+Several losses on one weight (the main head and MTP's depths share it) are one autograd node: its backward
+sums their weight gradients, dW = sum_k g_k dW_k, into one tensor. With a `Workspace` per loss the chunk buffer
+and the weight gradients reuse the same memory every step on CPU (model/workspace.py: fresh memory
+page-faults; two separate nodes would have autograd add their gradients into a fresh tensor).
 """
 
 from __future__ import annotations
 
 import torch
 
+from nanoseek.model.workspace import Workspace
+
 
 def _chunk_rows(vocab: int) -> int:
     return max(16, (1 << 24) // vocab)  # about 64 MiB of fp32 logits per chunk
 
 
+def _one(h, wf, target, ignore_index, dh, dw, buf) -> torch.Tensor:
+    """Mean cross-entropy of h against target; dh (n, H) and dw (V, H) filled when given (dw overwritten)."""
+    n, V = h.shape[0], wf.shape[0]
+    valid = target != ignore_index
+    count = valid.sum().clamp_min(1)
+    total = torch.zeros((), dtype=torch.float32, device=h.device)
+    step = min(n, _chunk_rows(V))
+    # one logits buffer, reused by every chunk: fresh large allocations page-fault on every touch. The logits
+    # are kept transposed, (V, c): W h^T, dW += dlogits^T h and dh = dlogits W then run as MKL's fastest
+    # forms here (no transposed weight operand; 168-184 vs 135-167 GFLOP/s at V = 32768, H = 512)
+    for i in range(0, n, step):
+        hc, tc, vc = h[i:i + step], target[i:i + step], valid[i:i + step]
+        hc, c = hc.float(), len(hc)
+        logits = torch.mm(wf, hc.T, out=buf[: V * c].view(-1, c))  # (V, c)
+        safe = tc.where(vc, 0)
+        picked = logits.gather(0, safe[None, :]).squeeze(0)
+        top = logits.amax(dim=0, keepdim=True)
+        p = logits.sub_(top).exp_()  # in place: exp(logits - max)
+        z = p.sum(dim=0, keepdim=True)
+        lse = (top + z.log()).squeeze(0)
+        total += ((lse - picked) * vc).sum()
+        if dh is not None:
+            p.div_(z)  # softmax
+            p[safe, torch.arange(c, device=p.device)] -= 1
+            p.mul_((vc / count)[None, :])
+            torch.mm(p.T, wf, out=dh[i:i + step])
+            dw.addmm_(p, hc, beta=1 if i else 0)  # beta=0: the first chunk overwrites
+    if dh is not None and n == 0:
+        dw.zero_()
+    return total / count
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, target, ignore_index):
-        n = h.shape[0]
-        valid = target != ignore_index
-        count = valid.sum().clamp_min(1)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, w, ignore_index, workspaces, *pairs):
+        """pairs: h_0, target_0, h_1, target_1, ... -> the K losses."""
+        hs, targets = pairs[0::2], pairs[1::2]
+        need_grad = any(ctx.needs_input_grad[3::2]) or ctx.needs_input_grad[0]
         wf = w.float()  # everything in fp32, whatever the autocast around (logits need the range)
-        dh = torch.empty(h.shape, dtype=torch.float32, device=h.device) if need_grad else None
-        dw = torch.empty(w.shape, dtype=torch.float32, device=w.device) if need_grad else None
-        total = torch.zeros((), dtype=torch.float32, device=h.device)
-        step = min(n, _chunk_rows(w.shape[0]))
-        # one logits buffer, reused by every chunk: fresh large allocations page-fault on every touch. The logits
-        # are kept transposed, (V, c): W h^T, dW += dlogits^T h and dh = dlogits W then run as MKL's fastest
-        # forms here (no transposed weight operand; 168-184 vs 135-167 GFLOP/s at V = 32768, H = 512)
-        buf = torch.empty(w.shape[0] * step, dtype=torch.float32, device=h.device)
-        for i in range(0, n, step):
-            hc, tc, vc = h[i:i + step], target[i:i + step], valid[i:i + step]
-            hc, c = hc.float(), len(hc)
-            logits = torch.mm(wf, hc.T, out=buf[: w.shape[0] * c].view(-1, c))  # (V, c)
-            safe = tc.where(vc, 0)
-            picked = logits.gather(0, safe[None, :]).squeeze(0)
-            top = logits.amax(dim=0, keepdim=True)
-            p = logits.sub_(top).exp_()  # in place: exp(logits - max)
-            z = p.sum(dim=0, keepdim=True)
-            lse = (top + z.log()).squeeze(0)
-            total += ((lse - picked) * vc).sum()
+        f32, rows = torch.float32, max(min(h.shape[0], _chunk_rows(w.shape[0])) for h in hs)
+        reuse = workspaces is not None and w.dtype == f32 and w.device.type == "cpu"
+        buf = (workspaces[0].scratch((w.shape[0] * rows,), f32, w.device) if reuse
+               else torch.empty(w.shape[0] * rows, dtype=f32, device=w.device))
+        losses, grads = [], []
+        for k, (h, target) in enumerate(zip(hs, targets)):
+            dh = dw = None
             if need_grad:
-                p.div_(z)  # softmax
-                p[safe, torch.arange(c, device=p.device)] -= 1
-                p.mul_((vc / count)[None, :])
-                torch.mm(p.T, wf, out=dh[i:i + step])
-                dw.addmm_(p, hc, beta=1 if i else 0)  # beta=0: the first chunk overwrites
-        if need_grad:
-            ctx.save_for_backward(dh.to(h.dtype), dw.to(w.dtype))
-        return total / count
+                dh = torch.empty(h.shape, dtype=f32, device=h.device)
+                dw = workspaces[k].grad(w) if reuse else torch.empty(w.shape, dtype=f32, device=w.device)
+            losses.append(_one(h, wf, target, ignore_index, dh, dw, buf))
+            grads.append((dh, dw))
+        if need_grad:  # plain attributes, not saved tensors: autograd can then adopt dW as the weight's .grad
+            ctx.grads = grads
+            ctx.dtypes = (hs[0].dtype, w.dtype)
+        return tuple(losses)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
+    def backward(ctx, *g):
         # scaled in place: a fresh 64 MiB head gradient would page-fault its way in (~85 ms per step at `small`)
-        if getattr(ctx, "done", False):
+        if not hasattr(ctx, "grads"):
             raise RuntimeError("linear_cross_entropy's backward runs once per forward (retain_graph is not supported)")
-        ctx.done = True
-        dh, dw = ctx.saved_tensors
-        return dh.mul_(grad), dw.mul_(grad), None, None
+        grads, (h_dtype, w_dtype) = ctx.grads, ctx.dtypes
+        del ctx.grads
+        dw = grads[0][1].mul_(g[0])
+        for (_, dw_k), g_k in zip(grads[1:], g[1:]):
+            dw.addcmul_(dw_k, g_k)
+        dhs = [dh.mul_(g_k).to(h_dtype) for (dh, _), g_k in zip(grads, g)]
+        return (dw.to(w_dtype), None, None, *[x for dh in dhs for x in (dh, None)])
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
-                         ignore_index: int = -100) -> torch.Tensor:
+                         ignore_index: int = -100, workspace: Workspace | None = None) -> torch.Tensor:
     """h (..., H), weight (V, H), target (...) -> mean cross-entropy of h @ weight^T against target."""
-    with torch.autocast(h.device.type, enabled=False):
-        return _LinearCrossEntropy.apply(h.reshape(-1, h.shape[-1]), weight, target.reshape(-1), ignore_index)
+    return linear_cross_entropies([(h, target)], weight, ignore_index, None if workspace is None else [workspace])[0]
+
+
+def linear_cross_entropies(pairs: list[tuple[torch.Tensor, torch.Tensor]], weight: torch.Tensor,
+                           ignore_index: int = -100, workspaces: list[Workspace] | None = None
+                           ) -> tuple[torch.Tensor, ...]:
+    """One mean cross-entropy per (h (..., H), target (...)) pair against the same head weight (V, H), as one
+    autograd node (the weight's gradients summed in its backward). workspaces: one per pair, or None."""
+    flat = [x for h, t in pairs for x in (h.reshape(-1, h.shape[-1]), t.reshape(-1))]
+    with torch.autocast(flat[0].device.type, enabled=False):
+        return _LinearCrossEntropy.apply(weight, ignore_index, workspaces, *flat)

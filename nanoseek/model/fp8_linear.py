@@ -255,7 +255,7 @@ class FP8Experts(Experts):
 
     fp8: Recipe = Recipe()
 
-    def _mm(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _product(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, workspace=None) -> torch.Tensor:
         return fp8_grouped_mm(xs, w, counts, self.fp8, parts=2 if w is self.gate_up_proj else 1)
 
 

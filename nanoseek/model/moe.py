@@ -13,7 +13,9 @@ V2 gates: softmax affinities, group score = max ("group_limited_greedy") or no g
 
 Routed experts are stacked tensors (gate_up_proj (e, 2I, H), down_proj (e, H, I)); tokens are sorted by expert
 and each projection is one grouped GEMM (`F.grouped_mm`), with a per-expert loop only where grouped_mm has
-no kernel. Not here: the bias update b += gamma sign(mean(c) - c) is a training-loop step.
+no kernel. Training on CPU, the weight gradients dW_j = dY_j^T X_j are written into memory reused every step
+(`GroupedLinear`, model/workspace.py). Not here: the bias update b += gamma sign(mean(c) - c) is a
+training-loop step.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.workspace import Workspace
 
 
 class MLP(nn.Module):
@@ -104,6 +107,7 @@ class Experts(nn.Module):
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # rows: I gate, then I up
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self._workspaces = (Workspace(), Workspace())  # the two weights' gradient memory (training on CPU)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (t, H), idx/weights (t, k) -> y (t, H) = sum_k weights * FFN_idx(x), tokens per expert (e,)."""
@@ -114,11 +118,18 @@ class Experts(nn.Module):
         counts = torch.bincount(flat, minlength=E)
         token = order // k
         xs = x.index_select(0, token)  # (t*k, H), grouped by expert
-        gate, up = self._mm(xs, self.gate_up_proj, counts).chunk(2, dim=-1)
+        gate, up = self._product(xs, self.gate_up_proj, counts, self._workspaces[0]).chunk(2, dim=-1)
         # w * down(a) = down(w * a): weight the I-wide activation, not the H-wide output
         act = F.silu(gate) * up * weights.flatten()[order, None].to(xs.dtype)
-        out = self._mm(act, self.down_proj, counts)
+        out = self._product(act, self.down_proj, counts, self._workspaces[1])
         return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out), counts  # (autocast: out may be bf16)
+
+    def _product(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, workspace: Workspace) -> torch.Tensor:
+        """Rows of expert j times w[j]^T: `GroupedLinear` when training on CPU, else `_mm`."""
+        if (xs.device.type == "cpu" and grouped_mm_ok(xs) and xs.dtype == w.dtype and w.requires_grad
+                and torch.is_grad_enabled()):
+            return GroupedLinear.apply(xs, w, counts, workspace)
+        return self._mm(xs, w, counts)
 
     @staticmethod
     def _mm(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -129,6 +140,34 @@ class Experts(nn.Module):
             return F.grouped_mm(xs, w.transpose(1, 2), offs=offs)
         outs = [x_j @ w_j.T for x_j, w_j, n in zip(xs.split(counts.tolist()), w, counts.tolist()) if n]
         return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
+
+
+class GroupedLinear(torch.autograd.Function):
+    """Y_j = X_j W_j^T per expert's row block j (CPU). Backward: dX_j = dY_j W_j as one grouped GEMM, and
+    dW_j = dY_j^T X_j into the workspace's gradient memory (zeros for an expert without rows)."""
+
+    @staticmethod
+    def forward(ctx, xs, w, counts, workspace):
+        ctx.save_for_backward(xs, w)
+        ctx.param, ctx.counts, ctx.workspace = w, counts, workspace  # param: to see whether it holds a .grad
+        return F.grouped_mm(xs, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        (xs, w), counts = ctx.saved_tensors, ctx.counts
+        dy = dy.contiguous()
+        dx = F.grouped_mm(dy, w, offs=counts.cumsum(0).to(torch.int32)) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:
+            dw, start = ctx.workspace.grad(ctx.param), 0
+            for j, n in enumerate(counts.tolist()):
+                if n:
+                    torch.mm(dy[start:start + n].T, xs[start:start + n], out=dw[j])
+                else:
+                    dw[j].zero_()
+                start += n
+        return dx, dw, None, None
 
 
 class MoE(nn.Module):

@@ -24,7 +24,9 @@ from nanoseek.model import hf_keys
 from nanoseek.model.block import Block
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import Experts, Gate, MoE, RouterStats
-from nanoseek.model.cross_entropy import linear_cross_entropy
+from nanoseek.model.cross_entropy import linear_cross_entropies
+from nanoseek.model.embedding import Embedding
+from nanoseek.model.workspace import Workspace
 from nanoseek.model.mtp import MTP, mtp_targets
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import rope_table
@@ -44,7 +46,7 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
@@ -53,6 +55,8 @@ class Transformer(nn.Module):
         L = cfg.num_hidden_layers
         self.mtp = nn.ModuleList(MTP(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        # the head's chunk buffer and gradient memory, one per loss (main, then MTP depth k): model/workspace.py
+        self._workspaces = [Workspace() for _ in range(1 + cfg.num_nextn_predict_layers)]
         self.init_weights()
 
     # ------------------------------------------------------------------ setup
@@ -136,8 +140,7 @@ class Transformer(nn.Module):
         out = ModelOutput(logits=None, hidden=h, router=router)
         if labels is None:
             out.logits = self.lm_head(h if logits_at is None else gather_positions(h, logits_at))
-        else:
-            out.loss = linear_cross_entropy(h, self.lm_head.weight, labels)
+        heads = [(h, labels)]  # with labels: the main loss and MTP's, one node on the shared head weight
         if train and mtp:
             h_prev = h
             for k, module in enumerate(self.mtp, start=1):
@@ -148,9 +151,12 @@ class Transformer(nn.Module):
                 if labels is None:
                     out.mtp_logits.append(self.lm_head(h_prev))
                 else:
-                    out.mtp_losses.append(linear_cross_entropy(h_prev, self.lm_head.weight, mtp_targets(labels, k)))
+                    heads.append((h_prev, mtp_targets(labels, k)))
                 if stats is not None:
                     router.append(stats)
+        if labels is not None:
+            out.loss, *out.mtp_losses = linear_cross_entropies(heads, self.lm_head.weight,
+                                                              workspaces=self._workspaces[:len(heads)])
         return out
 
     @torch.no_grad()

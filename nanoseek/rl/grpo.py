@@ -33,6 +33,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from nanoseek.train.config import OptimConfig
 
@@ -180,13 +181,19 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: dict
 
 def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, entropy: bool = False
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """log pi(ids[:, j+1] | ids[:, :j+1]) for j < s - 1, shape (b, s - 1), and optionally the entropy of each
-    of those next-token distributions (only where mask (b, s - 1) is set; 0 elsewhere)."""
-    logits = model(ids, mtp=False).logits[:, :-1].float()
+    """log pi(ids[:, j+1] | ids[:, :j+1]) where mask (b, s - 1) is set, shape (b, s - 1), and optionally the
+    entropy of those next-token distributions; 0 elsewhere. The head runs only on the columns from the first
+    to the last masked one (the shared prompt prefix and the padding after the longest completion get none)."""
+    b, s = ids.shape
+    cols = mask.any(dim=0).nonzero().flatten()
+    lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
+    index = torch.arange(lo, hi, device=ids.device).expand(b, -1)
+    logits = model(ids, mtp=False, logits_at=index).logits.float()  # (b, hi - lo, V)
     logp_all = logits.log_softmax(dim=-1)
-    logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    logp = logp_all.gather(-1, ids[:, lo + 1:hi + 1, None]).squeeze(-1)
+    logp = F.pad(logp * mask[:, lo:hi], (lo, s - 1 - hi))
     ent = None
     if entropy:
         with torch.no_grad():
-            ent = -(logp_all.exp() * logp_all).sum(-1) * mask
+            ent = F.pad(-(logp_all.exp() * logp_all).sum(-1) * mask[:, lo:hi], (lo, s - 1 - hi))
     return logp, ent

@@ -73,15 +73,19 @@ def test_micro_batches_sum_to_the_minibatch_loss():
 
 
 def test_token_logprobs_and_entropy():
+    """Equal to the full forward's where the mask is set (rows of different prompt lengths), 0 elsewhere."""
     model = tiny_model()
-    ids = torch.tensor([[1, 5, 9, 2, 7]])
-    mask = torch.tensor([[False, True, True, True]])
+    ids = torch.tensor([[1, 5, 9, 2, 7, 3], [1, 4, 8, 6, 0, 0]])
+    mask = torch.tensor([[False, False, True, True, True], [False, True, True, False, False]])
     logp, ent = token_logprobs(model, ids, mask, entropy=True)
     with torch.no_grad():
-        full = model(ids).logits[0].log_softmax(-1)
-    torch.testing.assert_close(logp[0], full[torch.arange(4), ids[0, 1:]])
-    torch.testing.assert_close(ent[0, 1:], -(full.exp() * full).sum(-1)[1:4])
-    assert ent[0, 0] == 0
+        full = model(ids).logits[:, :-1].log_softmax(-1)
+    want = full.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    torch.testing.assert_close(logp[mask], want[mask])
+    torch.testing.assert_close(ent[mask], -(full.exp() * full).sum(-1)[mask])
+    assert (logp[~mask] == 0).all() and (ent[~mask] == 0).all()
+    logp.sum().backward()  # differentiable through the selected columns
+    assert model.lm_head.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -111,7 +115,7 @@ def rl_cfg(tiny_run, tmp_path, monkeypatch):
     run, _ = tiny_run
 
     def make(*overrides):
-        return load_grpo_config(None, [f"init={run}", f"out_dir={tmp_path / 'rl'}", "tasks=add", "steps=8",
+        return load_grpo_config(None, [f"init={run}", f"out_dir={tmp_path / 'rl'}", "tasks=add", "steps=12",
                                        "prompts_per_step=4", "group_size=8", "max_completion_tokens=12",
                                        "reward_fns=easy_reward:letter_share", "accuracy_weight=0", "format_weight=0", "mask_truncated=false",
                                        "optim.lr=1e-2", "eval_problems=0", "ckpt_every=4", *overrides])
@@ -128,14 +132,14 @@ def test_grpo_raises_an_easy_reward(rl_cfg):
     cfg = rl_cfg()
     run_grpo(cfg, quiet=True)
     rewards = [r["reward"] for r in records(cfg)]
-    assert len(rewards) == 8
+    assert len(rewards) == 12
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
     assert all(r["frac_zero_std"] < 1 and r["entropy"] > 0 for r in records(cfg))
     # generation and update seconds beside rollout tok/s: parts of the step
     assert all(0 < r["gen_time"] and 0 < r["update_time"] and r["gen_time"] + r["update_time"] <= r["step_time"] + 0.01
                for r in records(cfg))
     samples = [json.loads(line) for line in open(f"{cfg.out_dir}/samples.jsonl")]
-    assert {s["step"] for s in samples} == {5, 8} and all("completion" in s for s in samples)
+    assert {s["step"] for s in samples} == {5, 10, 12} and all("completion" in s for s in samples)
 
 
 def test_grpo_resumes_exactly(rl_cfg):
