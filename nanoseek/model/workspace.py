@@ -27,6 +27,9 @@ class Workspace:
         self._scratch: torch.Tensor | None = None
         self._grads: list[torch.Tensor] = []  # at most two: the one param.grad holds and the next
 
+    def __deepcopy__(self, memo) -> Workspace:
+        return Workspace()  # a copied model (GRPO's reference) gets its own memory when it needs some
+
     def scratch(self, shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """Uninitialised (shape) memory, the same each call while the shape holds (CPU)."""
         b = self._scratch

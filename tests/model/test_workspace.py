@@ -125,3 +125,13 @@ def test_main_and_mtp_losses_share_one_head_gradient():
     torch.testing.assert_close(out.loss, main)
     torch.testing.assert_close(out.mtp_losses[0], mtp)
     torch.testing.assert_close(g1, head.grad)
+
+
+def test_a_copied_model_does_not_share_or_copy_the_memory():
+    import copy
+
+    model = Transformer(ModelConfig.preset("tiny", num_nextn_predict_layers=0))
+    ids = torch.randint(0, model.config.vocab_size, (2, 8))
+    model(ids, labels=ids).loss.backward()
+    twin = copy.deepcopy(model)
+    assert twin._workspaces[0]._grads == [] and model._workspaces[0]._grads
