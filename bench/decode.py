@@ -57,16 +57,15 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: huge pages for both frameworks (cli.py)
 import torch
 
 from nanoseek.peak import gemm_peak
 from nanoseek.infer.engine import Engine
 
-from decode_frameworks import build_hf, build_ours, hf_experts_impl, run_hf, run_ours, small_config  # noqa: E402
-from decode_mtp import log_spec_table, mtp_section, spec_compare  # noqa: E402  (bench/ is on a bench script's path)
-from decode_profile import profile_decode  # noqa: E402
-from hostload import Guard, bandwidth_gbs, cpu_busy_s, own_cpu_s, wait_idle  # noqa: E402
+from decode_frameworks import build_hf, build_ours, hf_experts_impl, run_hf, run_ours, small_config
+from decode_mtp import log_spec_table, mtp_section, spec_compare  # (bench/ is on a bench script's path)
+from decode_profile import profile_decode
+from hostload import Guard, bandwidth_gbs, cpu_busy_s, own_cpu_s, wait_idle
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -8,16 +8,14 @@ from __future__ import annotations
 import argparse
 import collections
 import functools
-import os
 import time
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: huge pages (cli.py)
-import torch  # noqa: E402
+import torch
 
-from nanoseek import ModelConfig, Transformer  # noqa: E402
-from nanoseek.infer import engine as engine_mod  # noqa: E402
-from nanoseek.infer.engine import Engine  # noqa: E402
-from nanoseek.infer.sampling import SamplingParams  # noqa: E402
+from nanoseek import ModelConfig, Transformer
+from nanoseek.infer import engine as engine_mod
+from nanoseek.infer.engine import Engine
+from nanoseek.infer.sampling import SamplingParams
 
 
 def profile_decode(cfg, ours, steps: int, op_table: bool, log, batch: int = 1, P: int = 128) -> dict:

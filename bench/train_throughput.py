@@ -32,7 +32,6 @@ import subprocess
 import sys
 import time
 
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")  # before torch: huge pages for both frameworks (cli.py)
 import torch
 import torch.nn.functional as F
 

@@ -7,20 +7,12 @@
 
 from __future__ import annotations
 
-import os
+import argparse
+import sys
 
-# Transparent huge pages for torch's large CPU allocations, for the `nanoseek` command only (torch reads this
-# when it loads, so it is set before any torch import; importing nanoseek as a library changes nothing):
-# decoding streams every weight once per token, and 4 KiB pages cost it ~10% in TLB misses here (docs/LOG.md,
-# session 4). THP_MEM_ALLOC_ENABLE=0 turns it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-
-import argparse  # noqa: E402
-import sys  # noqa: E402
-
-from nanoseek.cli import build, infer, train  # noqa: E402,F401  (each registers its commands)
-from nanoseek.cli.registry import COMMANDS  # noqa: E402
-from nanoseek.dist import DistError  # noqa: E402
+from nanoseek.cli import build, infer, train  # noqa: F401  (each registers its commands)
+from nanoseek.cli.registry import COMMANDS
+from nanoseek.dist import DistError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -22,7 +22,7 @@ from nanoseek.model.workspace import Workspace
 
 
 def _chunk_rows(vocab: int) -> int:
-    return max(16, (1 << 24) // vocab)  # about 64 MiB of fp32 logits per chunk
+    return max(16, (1 << 23) // vocab)  # about 32 MiB of fp32 logits per chunk (64 MiB: no faster, docs/LOG.md)
 
 
 def _one(h, wf, target, ignore_index, dh, dw, buf) -> torch.Tensor:

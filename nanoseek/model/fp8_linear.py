@@ -255,7 +255,9 @@ class FP8Experts(Experts):
 
     fp8: Recipe = Recipe()
 
-    def _product(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, workspace=None) -> torch.Tensor:
+    def _product(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, workspace=None,
+                 token: torch.Tensor | None = None) -> torch.Tensor:
+        xs = x if token is None else x.index_select(0, token)
         return fp8_grouped_mm(xs, w, counts, self.fp8, parts=2 if w is self.gate_up_proj else 1)
 
 

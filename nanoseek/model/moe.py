@@ -116,20 +116,21 @@ class Experts(nn.Module):
         flat = idx.flatten()
         order = flat.argsort(stable=True)  # assignment slots sorted by expert
         counts = torch.bincount(flat, minlength=E)
-        token = order // k
-        xs = x.index_select(0, token)  # (t*k, H), grouped by expert
-        gate, up = self._product(xs, self.gate_up_proj, counts, self._workspaces[0]).chunk(2, dim=-1)
+        token = order // k  # the (t*k) rows x[token] are grouped by expert
+        gate, up = self._product(x, self.gate_up_proj, counts, self._workspaces[0], token).chunk(2, dim=-1)
         # w * down(a) = down(w * a): weight the I-wide activation, not the H-wide output
-        act = F.silu(gate) * up * weights.flatten()[order, None].to(xs.dtype)
+        act = F.silu(gate) * up * weights.flatten()[order, None].to(gate.dtype)
         out = self._product(act, self.down_proj, counts, self._workspaces[1])
         return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out), counts  # (autocast: out may be bf16)
 
-    def _product(self, xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, workspace: Workspace) -> torch.Tensor:
-        """Rows of expert j times w[j]^T: `GroupedLinear` when training on CPU, else `_mm`."""
-        if (xs.device.type == "cpu" and grouped_mm_ok(xs) and xs.dtype == w.dtype and w.requires_grad
+    def _product(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, workspace: Workspace,
+                 token: torch.Tensor | None = None) -> torch.Tensor:
+        """The rows x[token] (x itself when token is None), counts[j] of them for expert j, each times w[j]^T:
+        `GroupedLinear` when training on CPU, else `_mm`."""
+        if (x.device.type == "cpu" and grouped_mm_ok(x) and x.dtype == w.dtype and w.requires_grad
                 and torch.is_grad_enabled()):
-            return GroupedLinear.apply(xs, w, counts, workspace)
-        return self._mm(xs, w, counts)
+            return GroupedLinear.apply(x, w, counts, workspace, token)
+        return self._mm(x if token is None else x.index_select(0, token), w, counts)
 
     @staticmethod
     def _mm(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -143,31 +144,38 @@ class Experts(nn.Module):
 
 
 class GroupedLinear(torch.autograd.Function):
-    """Y_j = X_j W_j^T per expert's row block j (CPU). Backward: dX_j = dY_j W_j as one grouped GEMM, and
-    dW_j = dY_j^T X_j into the workspace's gradient memory (zeros for an expert without rows)."""
+    """Y_j = X_j W_j^T per expert's row block j (CPU), X = x[token] (x itself when token is None). The gathered X
+    is not saved: the backward gathers it again (k t H numbers less per MoE layer held from the forward to the
+    backward, for one copy). Backward: dW_j = dY_j^T X_j into the workspace's gradient memory (zeros for an
+    expert without rows), then dX = dY_j W_j as one grouped GEMM, summed onto x's rows (index_add)."""
 
     @staticmethod
-    def forward(ctx, xs, w, counts, workspace):
-        ctx.save_for_backward(xs, w)
+    def forward(ctx, x, w, counts, workspace, token=None):
+        ctx.save_for_backward(x, w, token)
         ctx.param, ctx.counts, ctx.workspace = w, counts, workspace  # param: to see whether it holds a .grad
+        xs = x if token is None else x.index_select(0, token)
         return F.grouped_mm(xs, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        (xs, w), counts = ctx.saved_tensors, ctx.counts
+        (x, w, token), counts = ctx.saved_tensors, ctx.counts
         dy = dy.contiguous()
-        dx = F.grouped_mm(dy, w, offs=counts.cumsum(0).to(torch.int32)) if ctx.needs_input_grad[0] else None
-        dw = None
+        dx = dw = None
         if ctx.needs_input_grad[1]:
-            dw, start = ctx.workspace.grad(ctx.param), 0
+            xs, dw, start = x if token is None else x.index_select(0, token), ctx.workspace.grad(ctx.param), 0
             for j, n in enumerate(counts.tolist()):
                 if n:
                     torch.mm(dy[start:start + n].T, xs[start:start + n], out=dw[j])
                 else:
                     dw[j].zero_()
                 start += n
-        return dx, dw, None, None
+            del xs  # freed before dX is made
+        if ctx.needs_input_grad[0]:
+            dx = F.grouped_mm(dy, w, offs=counts.cumsum(0).to(torch.int32))
+            if token is not None:
+                dx = x.new_zeros(x.shape).index_add_(0, token, dx)
+        return dx, dw, None, None, None
 
 
 class MoE(nn.Module):

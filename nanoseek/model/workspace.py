@@ -2,10 +2,10 @@
 
 glibc hands blocks above its mmap threshold (32 MiB at most) back to the kernel when they are freed, and the
 CPU allocator of PyTorch caches nothing, so a tensor that size allocated every step is fresh memory every step:
-each page faults on its first touch. On a virtual machine that runs at ~250 MB/s, so the 151 MiB head
-gradient of a 49k x 768 vocabulary takes ~0.6 s to fill, longer than the GEMM that computes it, and the expert
-gradients of a MoE layer lose as much again (docs/LOG.md, session 8's profile). A `Workspace` keeps one
-allocation and lends it out:
+each page faults on its first touch. Here that costs ~16 ms per 64 MiB with 4 KiB pages, and up to ~300 ms
+with transparent huge pages (THP_MEM_ALLOC_ENABLE=1: the kernel compacts memory on the fault), so the head and
+embedding gradients of a 49k x 768 vocabulary and the expert gradients of its MoE layers cost 0.6 s of a 3.6 s
+step (docs/LOG.md, sessions 8-9). A `Workspace` keeps one allocation and lends it out:
 
 - `scratch`: memory for a temporary that does not outlive the call (the head's chunk of logits);
 - `grad`: memory for a weight's gradient, returned from a backward as a fresh alias of the buffer. Autograd

@@ -2,6 +2,7 @@
 the same values and gradients as the plain ops, adopt the workspace's memory as .grad step after step, and never
 overwrite a gradient still held (accumulation over micro-batches, zero_grad without set_to_none)."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -15,21 +16,27 @@ def ptr(t: torch.Tensor) -> int:
     return t.untyped_storage().data_ptr()
 
 
-def test_grouped_linear_equals_grouped_mm_with_an_empty_expert():
+@pytest.mark.parametrize("gather", [False, True])
+def test_grouped_linear_equals_grouped_mm_with_an_empty_expert(gather):
+    """Y_j = X_j W_j^T and its gradients, with X the rows x[token] gathered inside (as the experts call it:
+    tokens repeated, one never chosen) or x itself."""
     torch.manual_seed(0)
     counts = torch.tensor([3, 0, 4, 2])
-    x = torch.randn(9, 12, requires_grad=True)
+    x = torch.randn(6 if gather else 9, 12, requires_grad=True)
+    token = torch.tensor([0, 2, 4, 1, 2, 3, 0, 4, 3]) if gather else None  # row 5 is never chosen
     w = torch.nn.Parameter(torch.randn(4, 8, 12))
     x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     g = torch.randn(9, 8)
-    y = GroupedLinear.apply(x, w, counts, Workspace())
+    y = GroupedLinear.apply(x, w, counts, Workspace(), token)
     y.backward(g)
-    y2 = F.grouped_mm(x2, w2.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+    y2 = F.grouped_mm(x2 if token is None else x2[token], w2.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
     y2.backward(g)
     torch.testing.assert_close(y, y2)
     torch.testing.assert_close(x.grad, x2.grad)
     torch.testing.assert_close(w.grad, w2.grad)
     assert w.grad[1].abs().sum() == 0  # the expert without rows
+    if gather:
+        assert x.grad[5].abs().sum() == 0 and x.grad[0].abs().sum() > 0
 
 
 def test_weight_gradients_reuse_memory_and_accumulate():
