@@ -51,20 +51,34 @@ def main() -> None:
     rewards = Rewards({"accuracy": cfg.accuracy_weight, "format": cfg.format_weight}, [])
     engine = Engine(model, tok, max_batch=min(cfg.prompts_per_step * cfg.group_size, 256),
                     max_len=cfg.max_prompt_tokens + cfg.max_completion_tokens)
-    profs = {"rollout": profile(activities=[ProfilerActivity.CPU]), "update": profile(activities=[ProfilerActivity.CPU])}
+    ops = {"rollout": {}, "update": {}}  # stage -> op -> [self CPU ms, calls], summed over the profiled steps
     wall = {"rollout": 0.0, "update": 0.0}
+
+    @contextlib.contextmanager
+    def profiled(stage: str, timed: bool):
+        """The stage under a profiler of its own (one per step: a re-entered profiler keeps its last run only)."""
+        if not timed:
+            yield
+            return
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            yield
+        for e in prof.key_averages():
+            acc = ops[stage].setdefault(e.key, [0.0, 0])
+            acc[0] += e.self_cpu_time_total / 1e3
+            acc[1] += e.count
+
     tokens = {"rollout": 0, "update": 0}
     for step in range(2 + args.steps):
         timed = step >= 2
         problems = sample_problems(cfg, step)
         model.eval()
-        with profs["rollout"] if timed else contextlib.nullcontext():
+        with profiled("rollout", timed):
             t0 = time.perf_counter()
             batch = rollout(engine, problems, cfg, step)
             t1 = time.perf_counter()
         scores = [rewards(problems[n // cfg.group_size], text)["total"] for n, text in enumerate(batch.texts)]
         adv = group_advantages(torch.tensor(scores).view(-1, cfg.group_size), scale=cfg.advantage == "grpo").flatten()
-        with profs["update"] if timed else contextlib.nullcontext():
+        with profiled("update", timed):
             t2 = time.perf_counter()
             update(model, optimizer, None, batch, adv, cfg, step)
             t3 = time.perf_counter()
@@ -76,9 +90,8 @@ def main() -> None:
         print(f"step {step + 1}: rollout {t1 - t0:.2f} s ({sum(batch.lengths)} tokens), update {t3 - t2:.2f} s "
               f"({tuple(batch.ids.shape)} ids, {int(batch.mask.sum())} with loss)", flush=True)
     results = {}
-    for stage, prof in profs.items():
-        rows = [(e.key, e.self_cpu_time_total / 1e3 / args.steps, e.count // args.steps)
-                for e in prof.key_averages()]
+    for stage, table in ops.items():
+        rows = [(key, ms / args.steps, calls // args.steps) for key, (ms, calls) in table.items()]
         results[stage] = (wall[stage] / args.steps, sorted(rows, key=lambda r: -r[1]))
     print(f"\nGRPO from {cfg.init}: {cfg.prompts_per_step} x {cfg.group_size}, {cfg.max_completion_tokens} tokens; "
           f"{args.threads} threads, {args.steps} profiled steps (tok/s: rollout = generated, update = ids)\n")

@@ -113,8 +113,9 @@ class Engine:
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ requests
-    def add(self, prompt: list[int], params: SamplingParams = SamplingParams()) -> Request:
-        """Queue a request (thread-safe); it joins the batch at the next step."""
+    def add(self, prompt: list[int], params: SamplingParams = SamplingParams(), stream: bool = True) -> Request:
+        """Queue a request (thread-safe); it joins the batch at the next step. stream=False: its text is decoded
+        once when it finishes (Update.text stays empty until then; stop strings still end it on time)."""
         V = self.model.config.vocab_size
         if not prompt:
             raise ValueError("the prompt is empty: it needs at least one token")
@@ -129,7 +130,7 @@ class Engine:
         req = Request(list(prompt), params, id=next(self._ids), stop_ids=self.eos | set(params.stop_token_ids),
                       generator=params.generator(self.device))
         if self.tokenizer is not None:
-            req.stream = TextStream(self.tokenizer, params.stop, skip_ids=req.stop_ids)
+            req.stream = TextStream(self.tokenizer, params.stop, skip_ids=req.stop_ids, lazy=not stream)
         self.inbox.put(req)
         return req
 

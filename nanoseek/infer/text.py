@@ -19,16 +19,22 @@ class TextStream:
     push(ids) returns only text that can no longer change: a trailing incomplete UTF-8 character (decoded
     as U+FFFD) and any tail that could be the start of a stop string are held back. When a stop string
     appears, the text is cut before it and `stopped` is set. Ids in `skip_ids` (end-of-text) are not shown.
+    `lazy` (a reader of the final text only, and no stop strings): push() keeps the ids and returns nothing,
+    finish() decodes them once (a push decodes all the ids so far: per token, that work grows with the text).
     """
 
-    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_ids: frozenset[int] = frozenset()):
+    def __init__(self, tokenizer, stop: tuple[str, ...] = (), skip_ids: frozenset[int] = frozenset(),
+                 lazy: bool = False):
         self.tokenizer, self.stop, self.skip_ids = tokenizer, stop, skip_ids
+        self.lazy = lazy and not stop
         self.ids: list[int] = []
         self.text = ""  # emitted so far
         self.stopped = False
 
     def push(self, ids: list[int], final: bool = False) -> str:
         self.ids.extend(i for i in ids if i not in self.skip_ids)
+        if self.lazy and not final:
+            return ""
         full = self.tokenizer.decode(self.ids)
         cut = min((i for i in (full.find(s) for s in self.stop) if i >= 0), default=-1)
         if cut >= 0:

@@ -161,7 +161,7 @@ def generate_completions(model, tokenizer, prompts: list[list[int]], params: lis
     """(text, generated tokens, finish reason) for each (prompt ids, params), all through one Engine."""
     max_len = max(len(p) for p in prompts) + max(q.max_tokens for q in params)
     engine = Engine(model, tokenizer, max_batch=batch_size, max_len=max_len, speculative=speculative)
-    requests = [engine.add(ids, q) for ids, q in zip(prompts, params)]
+    requests = [engine.add(ids, q, stream=False) for ids, q in zip(prompts, params)]
     with tqdm(total=len(requests), desc="eval", unit="completion", disable=not progress) as bar:
         while engine.has_work():
             bar.update(sum(u.done for u in engine.step()))

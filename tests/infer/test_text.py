@@ -26,6 +26,19 @@ def test_deltas_join_to_the_decoded_text_and_never_split_a_character(tok):
     assert not any("\ufffd" in d for d in deltas)  # multi-byte characters arrive whole
 
 
+def test_a_lazy_stream_decodes_once_at_the_end(tok, monkeypatch):
+    ids = tok.encode(TEXT)
+    calls = []
+    decode = tok.decode
+    monkeypatch.setattr(tok, "decode", lambda xs: calls.append(len(xs)) or decode(xs))
+    s, deltas = stream_all(tok, ids, skip_ids=frozenset({tok.eos_id}), lazy=True)
+    assert deltas[:-1] == [""] * len(ids) and deltas[-1] == s.text == TEXT.replace("<|end_of_text|>", "")
+    assert len(calls) == 1
+    # with stop strings a stream cannot wait: it checks every push
+    s, deltas = stream_all(tok, tok.encode("The answer is 4. More text after"), stop=("4. M",), lazy=True)
+    assert s.stopped and s.text == "The answer is " and not s.lazy
+
+
 def test_stop_strings_cut_the_text_and_are_held_back(tok):
     ids = tok.encode("The answer is 4. More text after")
     s, deltas = stream_all(tok, ids, stop=("4. M",))

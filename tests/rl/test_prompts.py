@@ -74,7 +74,7 @@ class FakeEngine:
     def __init__(self, tokenizer, reply):
         self.tokenizer, self.reply, self.requests = tokenizer, reply, []
 
-    def add(self, ids, params):
+    def add(self, ids, params, stream=True):
         self.requests.append(SimpleNamespace(prompt=list(ids), params=params))
         return self.requests[-1]
 
