@@ -35,8 +35,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from nanoseek.config import ModelConfig  # noqa: E402
+from nanoseek.cost import inference_flops_per_token, train_flops_per_token  # noqa: E402
 from nanoseek.data.tokenizer import Tokenizer  # noqa: E402
 from nanoseek.hf import export  # noqa: E402
+from nanoseek.peak import gemm_peak  # noqa: E402
 from nanoseek.rl.evaluate import prompt_ids  # noqa: E402
 from nanoseek.rl.grpo import GRPOConfig  # noqa: E402
 from nanoseek.rl.loop import load_grpo_config, run_grpo, sample_problems  # noqa: E402
@@ -84,7 +87,9 @@ def settings_table(cfg: GRPOConfig, t, threads: int) -> list[tuple[str, object, 
         ("clip eps low / high", (cfg.epsilon_low, cfg.epsilon_high), (t.epsilon, t.epsilon_high)),
         ("passes per rollout (mu)", cfg.mu, t.num_iterations),
         ("optimizer steps per rollout", cfg.minibatches, t.steps_per_generation // t.gradient_accumulation_steps),
-        ("sequences per forward", min(cfg.micro_batch, t.generation_batch_size), t.per_device_train_batch_size),
+        ("sequences per forward", f"<= {min(cfg.micro_batch, t.generation_batch_size)}, by length"
+         if cfg.loss_agg != "micro_token" else min(cfg.micro_batch, t.generation_batch_size),
+         t.per_device_train_batch_size),
         ("truncated completions masked", cfg.mask_truncated, t.mask_truncated_completions),
         ("max grad norm", cfg.optim.grad_clip, t.max_grad_norm),
         ("optimizer and lr schedule", same, same),
@@ -109,8 +114,8 @@ def print_settings(rows) -> None:
 def run_nanoseek(cfg: GRPOConfig) -> list[dict]:
     run_grpo(cfg, quiet=True)
     records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [{"step_s": r["step_time"], "gen_s": r["gen_time"], "tok_s": r["rollout_tok_s"], "reward": r["reward"]}
-            for r in records if "reward" in r]
+    return [{"step_s": r["step_time"], "gen_s": r["gen_time"], "tok_s": r["rollout_tok_s"], "reward": r["reward"],
+             "tokens": r["rollout_tok_s"] * r["gen_time"]} for r in records if "reward" in r]
 
 
 def run_trl(cfg: GRPOConfig, folder: Path, out: Path) -> list[dict]:
@@ -153,7 +158,7 @@ def run_trl(cfg: GRPOConfig, folder: Path, out: Path) -> list[dict]:
 
         def on_step_end(self, *_, **__):
             steps.append({"step_s": time.perf_counter() - clock["t0"], "gen_s": clock["gen_s"],
-                          "tok_s": clock["tokens"] / max(clock["gen_s"], 1e-9)})
+                          "tok_s": clock["tokens"] / max(clock["gen_s"], 1e-9), "tokens": clock["tokens"]})
 
     args = trl_args(cfg, out)
     trainer = Timed(model=model, reward_funcs=nanoseek_reward, args=args, processing_class=tok,
@@ -165,14 +170,30 @@ def run_trl(cfg: GRPOConfig, folder: Path, out: Path) -> list[dict]:
     return [{**s, "reward": r} for s, r in zip(steps, rewards)]
 
 
-def summarize(rounds: list[list[dict]]) -> dict[str, list[float]]:
-    """Per round, the median of steps 2..N (all steps when there is only one) of each figure."""
-    out: dict[str, list[float]] = {k: [] for k in ("step_s", "gen_s", "share", "tok_s", "update_s")}
+def stage_flops(model: ModelConfig, prompt_tokens: int, generated: float, sequences: int) -> tuple[float, float]:
+    """Model FLOPs (nanoseek.cost) of a step's two stages, the same formula for both sides: the rollout
+    prefills the prompts and decodes the completions (absorbed MLA), the update runs forward + backward over
+    prompt + completion tokens (padding is not model work); attention at the mean sequence length."""
+    S = max(int((prompt_tokens + generated) / sequences), 1)
+    gen = (prompt_tokens * inference_flops_per_token(model, S).total
+           + generated * inference_flops_per_token(model, S, absorbed=True).total)
+    return gen, train_flops_per_token(model, S).total * (prompt_tokens + generated)
+
+
+def summarize(rounds: list[list[dict]], flops=None) -> dict[str, list[float]]:
+    """Per round, the median of steps 2..N (all steps when there is only one) of each figure; flops(step
+    index, generated tokens) -> (rollout, update) FLOPs gives each stage's MFU."""
+    out: dict[str, list[float]] = {k: [] for k in ("step_s", "gen_s", "share", "tok_s", "update_s", "gen_mfu",
+                                                   "update_mfu")}
     for steps in rounds:
-        kept = steps[1:] or steps
-        for k, values in (("step_s", [s["step_s"] for s in kept]), ("gen_s", [s["gen_s"] for s in kept]),
-                          ("share", [s["gen_s"] / s["step_s"] for s in kept]), ("tok_s", [s["tok_s"] for s in kept]),
-                          ("update_s", [s["step_s"] - s["gen_s"] for s in kept])):
+        kept = list(enumerate(steps))[1:] or list(enumerate(steps))
+        f = [flops(i, s["tokens"]) for i, s in kept]
+        for k, values in (("step_s", [s["step_s"] for _, s in kept]), ("gen_s", [s["gen_s"] for _, s in kept]),
+                          ("share", [s["gen_s"] / s["step_s"] for _, s in kept]),
+                          ("tok_s", [s["tok_s"] for _, s in kept]),
+                          ("update_s", [s["step_s"] - s["gen_s"] for _, s in kept]),
+                          ("gen_mfu", [g / s["gen_s"] for (_, s), (g, _) in zip(kept, f)]),
+                          ("update_mfu", [u / (s["step_s"] - s["gen_s"]) for (_, s), (_, u) in zip(kept, f)])):
             out[k].append(statistics.median(values))
     return out
 
@@ -182,13 +203,17 @@ def cell(values: list[float], fmt: str) -> str:
     return f"{mid:{fmt}} [{min(values):{fmt}}-{max(values):{fmt}}]" if len(values) > 1 else f"{mid:{fmt}}"
 
 
-def report(results: dict[str, list[list[dict]]], steps: int) -> None:
-    ns, theirs = summarize(results["nanoseek"]), summarize(results["TRL"])
-    print(f"\nmedian of steps 2..{steps} per round; median over {len(results['TRL'])} rounds [min-max]\n")
+def report(results: dict[str, list[list[dict]]], steps: int, flops, peak) -> None:
+    """The table (median over rounds [min-max]) and the reward curves; MFU against `peak` (FLOP/s)."""
+    mfu = lambda i, tokens: tuple(x / peak.flops for x in flops(i, tokens))  # noqa: E731
+    ns, theirs = summarize(results["nanoseek"], mfu), summarize(results["TRL"], mfu)
+    print(f"\nmedian of steps 2..{steps} per round; median over {len(results['TRL'])} rounds [min-max]; MFU: "
+          f"model FLOPs (`stage_flops`) against the GEMM peak, {peak.rate} ({peak.origin})\n")
     print("| per step | nanoseek | TRL | TRL / nanoseek |\n|---|---:|---:|---:|")
     for key, name, fmt in (("step_s", "seconds", ".2f"), ("gen_s", "generation seconds", ".2f"),
                            ("share", "generation share", ".0%"), ("tok_s", "rollout tokens/s", ",.0f"),
-                           ("update_s", "update seconds", ".2f")):
+                           ("gen_mfu", "generation MFU", ".1%"), ("update_s", "update seconds", ".2f"),
+                           ("update_mfu", "update MFU", ".1%")):
         ratio = statistics.median(theirs[key]) / max(statistics.median(ns[key]), 1e-9)
         print(f"| {name} | {cell(ns[key], fmt)} | {cell(theirs[key], fmt)} | {ratio:.2f}x |")
     print("\nreward per step (mean over rounds): step | nanoseek | TRL")
@@ -211,7 +236,13 @@ def compare(args, init: Path, work: Path) -> None:
         results["TRL"].append(run_trl(cfg, folder, work / f"trl{r}"))
         per_step = {side: statistics.median(s["step_s"] for s in runs[-1]) for side, runs in results.items()}
         print(f"round {r + 1}: s/step " + ", ".join(f"{k} {v:.2f}" for k, v in per_step.items()), flush=True)
-    report(results, args.steps)
+    tok = Tokenizer.load(folder)
+    model = ModelConfig.from_file(folder / "config.json")
+    prompts = [sum(len(prompt_ids(p, tok)[0]) for p in sample_problems(cfg, i)) * cfg.group_size
+               for i in range(args.steps)]
+    n = cfg.prompts_per_step * cfg.group_size
+    report(results, args.steps, lambda i, generated: stage_flops(model, prompts[i], generated, n),
+           gemm_peak("cpu", "fp32"))
 
 
 def main() -> None:

@@ -117,14 +117,31 @@ def pack(prompts: list[list[int]], completions: list[list[int]], truncated: list
     return ids, mask
 
 
+# a micro-batch's fixed cost (its forward + backward's op overhead, smaller GEMMs), in padded tokens' worth of work
+MICRO_BATCH_COST = 128
+
+
 def micro_batches(rows: torch.Tensor, seq_len: torch.Tensor, cfg: GRPOConfig) -> list[tuple[torch.Tensor, int]]:
-    """`rows` (indices into the batch) in micro-batches of cfg.micro_batch, each with the width its ids need
-    (its longest sequence): sorted by length first, so short sequences share a micro-batch and carry little
-    padding (the demo: ~30% of the columns), except for loss_agg="micro_token", whose value depends on
-    which sequences share a micro-batch (there the given order stays)."""
-    if cfg.loss_agg != "micro_token":
-        rows = rows[seq_len[rows].argsort(stable=True)]
-    return [(m, int(seq_len[m].max())) for m in rows.split(cfg.micro_batch)]
+    """`rows` (indices into the batch) in micro-batches of at most cfg.micro_batch sequences, each with the width
+    its ids need (its longest sequence). Sorted by length and cut where the padded tokens, sum over micro-batches
+    of (sequences x longest) + MICRO_BATCH_COST each, are least (a DP over the cut points): a long completion
+    no longer pads a whole micro-batch of short ones (the demo's batches were ~30% padding). loss_agg=
+    "micro_token" depends on which sequences share a micro-batch: there the drawn order, in equal parts."""
+    if cfg.loss_agg == "micro_token":
+        return [(m, int(seq_len[m].max())) for m in rows.split(cfg.micro_batch)]
+    rows = rows[seq_len[rows].argsort(stable=True)]
+    lens = seq_len[rows].tolist()
+    best, cut = [0.0] + [float("inf")] * len(lens), [0] * (len(lens) + 1)  # best[j]: least cost of rows[:j]
+    for j in range(1, len(lens) + 1):
+        for i in range(max(0, j - cfg.micro_batch), j):
+            cost = best[i] + (j - i) * lens[j - 1] + MICRO_BATCH_COST
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    out, j = [], len(lens)
+    while j:
+        out.append((rows[cut[j]:j], lens[j - 1]))
+        j = cut[j]
+    return out[::-1]
 
 
 def _logprobs(model, ids, mask, seq_len, cfg: GRPOConfig) -> torch.Tensor:

@@ -8,6 +8,7 @@ import torch
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.rl.grpo import GRPOConfig, policy_loss, token_logprobs
+from nanoseek.rl import loop
 from nanoseek.rl.loop import Rollout, micro_batches, pack, update
 
 
@@ -21,11 +22,17 @@ def rollout(vocab: int, seed: int = 0) -> Rollout:
                    [len(p) + len(c) for p, c in zip(prompts, completions)])
 
 
-def test_micro_batches_sort_by_length_and_cut_the_padding():
-    seq_len = torch.tensor([5, 9, 3, 7, 8])
-    cfg = GRPOConfig(micro_batch=2)
-    got = [(m.tolist(), w) for m, w in micro_batches(torch.tensor([0, 1, 2, 3, 4]), seq_len, cfg)]
-    assert got == [([2, 0], 5), ([3, 4], 8), ([1], 9)]
+def test_micro_batches_sort_by_length_and_cut_the_padding(monkeypatch):
+    monkeypatch.setattr(loop, "MICRO_BATCH_COST", 4)
+    seq_len = torch.tensor([5, 9, 3, 7, 8, 40])
+    cfg = GRPOConfig(micro_batch=3)
+    got = [(m.tolist(), w) for m, w in micro_batches(torch.arange(6), seq_len, cfg)]
+    # the long sequence alone; the others by length, at most 3 per micro-batch: 2*5+4 + 3*9+4 + 40+4
+    assert got == [([2, 0], 5), ([3, 4, 1], 9), ([5], 40)]
+    assert sorted(i for m, _ in got for i in m) == list(range(6))
+    # with a high fixed cost per micro-batch, fewer and wider ones
+    monkeypatch.setattr(loop, "MICRO_BATCH_COST", 1000)
+    assert [(m.tolist(), w) for m, w in micro_batches(torch.arange(6), seq_len, cfg)] == [([2, 0, 3], 7), ([4, 1, 5], 40)]
     # micro_token: the loss depends on the grouping, so the drawn order stays
     cfg = GRPOConfig(micro_batch=2, loss_agg="micro_token")
     assert [(m.tolist(), w) for m, w in micro_batches(torch.tensor([4, 2, 0, 1, 3]), seq_len, cfg)] == \
