@@ -114,8 +114,10 @@ def print_settings(rows) -> None:
 def run_nanoseek(cfg: GRPOConfig) -> list[dict]:
     run_grpo(cfg, quiet=True)
     records = [json.loads(line) for line in (Path(cfg.out_dir) / "metrics.jsonl").read_text().splitlines()]
+    n = cfg.prompts_per_step * cfg.group_size
     return [{"step_s": r["step_time"], "gen_s": r["gen_time"], "tok_s": r["rollout_tok_s"], "reward": r["reward"],
-             "tokens": r["rollout_tok_s"] * r["gen_time"]} for r in records if "reward" in r]
+             "tokens": r["rollout_tok_s"] * r["gen_time"], "truncated": round(r["truncated"] * n)}
+            for r in records if "reward" in r]
 
 
 def run_trl(cfg: GRPOConfig, folder: Path, out: Path) -> list[dict]:
@@ -141,7 +143,7 @@ def run_trl(cfg: GRPOConfig, folder: Path, out: Path) -> list[dict]:
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
     optimizer = build_optimizer(model, cfg.optim)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_at(s, cfg.steps, cfg.optim) / cfg.optim.lr)
-    clock = {"gen_s": 0.0, "tokens": 0}
+    clock = {"gen_s": 0.0, "tokens": 0, "truncated": 0}
     steps: list[dict] = []
 
     class Timed(trl.GRPOTrainer):
@@ -150,15 +152,17 @@ def run_trl(cfg: GRPOConfig, folder: Path, out: Path) -> list[dict]:
             ids, logprobs = super()._generate_single_turn(*a, **k)
             clock["gen_s"] += time.perf_counter() - t
             clock["tokens"] += sum(map(len, ids))
+            clock["truncated"] += sum(len(c) >= cfg.max_completion_tokens for c in ids)
             return ids, logprobs
 
     class Steps(transformers.TrainerCallback):
         def on_step_begin(self, *_, **__):
-            clock.update(t0=time.perf_counter(), gen_s=0.0, tokens=0)
+            clock.update(t0=time.perf_counter(), gen_s=0.0, tokens=0, truncated=0)
 
         def on_step_end(self, *_, **__):
             steps.append({"step_s": time.perf_counter() - clock["t0"], "gen_s": clock["gen_s"],
-                          "tok_s": clock["tokens"] / max(clock["gen_s"], 1e-9), "tokens": clock["tokens"]})
+                          "tok_s": clock["tokens"] / max(clock["gen_s"], 1e-9), "tokens": clock["tokens"],
+                          "truncated": clock["truncated"]})
 
     args = trl_args(cfg, out)
     trainer = Timed(model=model, reward_funcs=nanoseek_reward, args=args, processing_class=tok,
@@ -170,24 +174,28 @@ def run_trl(cfg: GRPOConfig, folder: Path, out: Path) -> list[dict]:
     return [{**s, "reward": r} for s, r in zip(steps, rewards)]
 
 
-def stage_flops(model: ModelConfig, prompt_tokens: int, generated: float, sequences: int) -> tuple[float, float]:
+def stage_flops(model: ModelConfig, prompt_tokens: int, generated: float, sequences: int, masked: int = 0,
+                max_completion: int = 0) -> tuple[float, float]:
     """Model FLOPs (nanoseek.cost) of a step's two stages, the same formula for both sides: the rollout
     prefills the prompts and decodes the completions (absorbed MLA), the update runs forward + backward over
-    prompt + completion tokens (padding is not model work); attention at the mean sequence length."""
+    the prompt + completion tokens of the sequences that carry loss (padding, and the `masked` truncated
+    completions of max_completion tokens with their prompts, are not model work); attention at the mean
+    sequence length."""
     S = max(int((prompt_tokens + generated) / sequences), 1)
     gen = (prompt_tokens * inference_flops_per_token(model, S).total
            + generated * inference_flops_per_token(model, S, absorbed=True).total)
-    return gen, train_flops_per_token(model, S).total * (prompt_tokens + generated)
+    useful = prompt_tokens + generated - masked * (prompt_tokens / sequences + max_completion)
+    return gen, train_flops_per_token(model, S).total * max(useful, 0)
 
 
 def summarize(rounds: list[list[dict]], flops=None) -> dict[str, list[float]]:
     """Per round, the median of steps 2..N (all steps when there is only one) of each figure; flops(step
-    index, generated tokens) -> (rollout, update) FLOPs gives each stage's MFU."""
+    index, generated tokens, truncated completions) -> (rollout, update) FLOPs gives each stage's MFU."""
     out: dict[str, list[float]] = {k: [] for k in ("step_s", "gen_s", "share", "tok_s", "update_s", "gen_mfu",
                                                    "update_mfu")}
     for steps in rounds:
         kept = list(enumerate(steps))[1:] or list(enumerate(steps))
-        f = [flops(i, s["tokens"]) for i, s in kept]
+        f = [flops(i, s["tokens"], s["truncated"]) for i, s in kept]
         for k, values in (("step_s", [s["step_s"] for _, s in kept]), ("gen_s", [s["gen_s"] for _, s in kept]),
                           ("share", [s["gen_s"] / s["step_s"] for _, s in kept]),
                           ("tok_s", [s["tok_s"] for _, s in kept]),
@@ -205,7 +213,7 @@ def cell(values: list[float], fmt: str) -> str:
 
 def report(results: dict[str, list[list[dict]]], steps: int, flops, peak) -> None:
     """The table (median over rounds [min-max]) and the reward curves; MFU against `peak` (FLOP/s)."""
-    mfu = lambda i, tokens: tuple(x / peak.flops for x in flops(i, tokens))  # noqa: E731
+    mfu = lambda *step: tuple(x / peak.flops for x in flops(*step))  # noqa: E731
     ns, theirs = summarize(results["nanoseek"], mfu), summarize(results["TRL"], mfu)
     print(f"\nmedian of steps 2..{steps} per round; median over {len(results['TRL'])} rounds [min-max]; MFU: "
           f"model FLOPs (`stage_flops`) against the GEMM peak, {peak.rate} ({peak.origin})\n")
@@ -241,8 +249,9 @@ def compare(args, init: Path, work: Path) -> None:
     prompts = [sum(len(prompt_ids(p, tok)[0]) for p in sample_problems(cfg, i)) * cfg.group_size
                for i in range(args.steps)]
     n = cfg.prompts_per_step * cfg.group_size
-    report(results, args.steps, lambda i, generated: stage_flops(model, prompts[i], generated, n),
-           gemm_peak("cpu", "fp32"))
+    masking = cfg.max_completion_tokens if cfg.mask_truncated else 0
+    report(results, args.steps, lambda i, generated, truncated: stage_flops(
+        model, prompts[i], generated, n, truncated if masking else 0, masking), gemm_peak("cpu", "fp32"))
 
 
 def main() -> None:

@@ -145,10 +145,11 @@ def micro_batches(rows: torch.Tensor, seq_len: torch.Tensor, cfg: GRPOConfig) ->
 
 
 def _logprobs(model, ids, mask, seq_len, cfg: GRPOConfig) -> torch.Tensor:
-    """token_logprobs of every row (N, S - 1), without autograd, in length-sorted micro-batches."""
+    """token_logprobs (N, S - 1) without autograd, in length-sorted micro-batches; rows without a loss token
+    stay 0 (nothing reads them)."""
     out = torch.zeros(mask.shape, device=ids.device)
     with torch.no_grad():
-        for m, w in micro_batches(torch.arange(len(ids), device=ids.device), seq_len, cfg):
+        for m, w in micro_batches(mask.any(dim=1).nonzero()[:, 0], seq_len, cfg):
             out[m, : w - 1] = token_logprobs(model, ids[m, :w], mask[m, : w - 1])[0]
     return out
 
@@ -170,7 +171,10 @@ def update(model, optimizer, ref, batch: Rollout, adv: torch.Tensor, cfg: GRPOCo
         for mb in order.chunk(cfg.minibatches):
             norm = {"sequences": len(mb), "tokens": int(mask[mb].sum()),
                     "micro_batches": -(-len(mb) // cfg.micro_batch)}
-            for micro, w in micro_batches(mb, seq_len, cfg):
+            # a sequence without a loss token (a truncated completion under mask_truncated) adds nothing to the
+            # loss, its gradient or the statistics: it is not run (micro_token keeps its micro-batches as drawn)
+            live = mb if cfg.loss_agg == "micro_token" else mb[mask[mb].any(dim=1)]
+            for micro, w in micro_batches(live, seq_len, cfg):
                 logp, ent = token_logprobs(model, ids[micro, :w], mask[micro, : w - 1], entropy=epoch == 0)
                 logp_old = old[micro, : w - 1] if old is not None else logp.detach()
                 loss, stats = policy_loss(logp, logp_old, adv[micro], mask[micro, : w - 1], cfg, norm,
@@ -201,13 +205,15 @@ def heldout_eval(model, tok, cfg: GRPOConfig) -> dict:
 
 def _flops(cfg: GRPOConfig, model_cfg, batch: Rollout, ref: bool) -> float:
     """Model FLOPs of one step: prefill + absorbed decode for the rollouts, forward + backward per update
-    pass over the real tokens (padding is not model work), and the forward-only passes for old / reference
-    log-probs."""
+    pass over the real tokens of the sequences it runs (padding and sequences without a loss token are not model
+    work), and the forward-only passes for old / reference log-probs."""
     S = batch.ids.shape[1]
     gen_tokens = sum(batch.lengths)
     roll = (batch.prompt_tokens * inference_flops_per_token(model_cfg, S).total
             + gen_tokens * inference_flops_per_token(model_cfg, S, absorbed=True).total)
-    train = train_flops_per_token(model_cfg, S).total * sum(batch.seq_lengths)
+    run = batch.mask.any(dim=1).tolist()  # the update skips sequences without a loss token (but for micro_token)
+    tokens = sum(n for n, r in zip(batch.seq_lengths, run) if r or cfg.loss_agg == "micro_token")
+    train = train_flops_per_token(model_cfg, S).total * tokens
     forwards = (cfg.mu > 1 or cfg.minibatches > 1) + ref
     return roll + train * (cfg.mu + forwards / 3)
 

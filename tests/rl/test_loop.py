@@ -1,5 +1,5 @@
-"""The GRPO update (rl/loop.py): micro-batches sorted by length and cut to their own width give the update of
-one full-width pass over the whole batch."""
+"""The GRPO update (rl/loop.py): micro-batches sorted by length and cut to their own width, without the
+sequences that carry no loss token, give the update of one full-width pass over the whole batch."""
 
 import copy
 
@@ -59,3 +59,18 @@ def test_update_equals_one_full_width_pass(loss_agg):
         expected = p.detach() - (p.grad if p.grad is not None else 0)
         torch.testing.assert_close(q.detach(), expected, atol=1e-6, rtol=1e-5, msg=name)
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in ref.parameters())
+
+
+def test_sequences_without_a_loss_token_are_not_run():
+    """A batch of truncated completions only (all masked): no forward runs and the weights stay."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny", num_nextn_predict_layers=0))
+    batch = rollout(model.config.vocab_size)
+    batch.mask[:] = False
+    calls = []
+    model.register_forward_pre_hook(lambda module, args: calls.append(args[0].shape))
+    before = [p.detach().clone() for p in model.parameters()]
+    cfg = GRPOConfig(micro_batch=3, max_completion_tokens=12)
+    update(model, torch.optim.SGD(model.parameters(), lr=1.0), None, batch, torch.randn(8), cfg, step=0)
+    assert calls == []
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
