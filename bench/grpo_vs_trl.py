@@ -101,6 +101,8 @@ def settings_table(cfg: GRPOConfig, t, threads: int) -> list[tuple[str, object, 
         ("seed", cfg.seed, t.seed),
         ("max prompt tokens", cfg.max_prompt_tokens, "·"),
         ("sampling seeds", "one per completion", "·"),
+        ("a group's prompt run once in the update", "where it pays (rl/packing.py)" if cfg.pack_prompts and
+         cfg.loss_agg != "micro_token" else "no", "·"),
     ]
 
 

@@ -2,18 +2,26 @@
 
     .venv/bin/python bench/train_profile.py --shape v48k-h768-e32k6          # both frameworks, top 25 ops
     .venv/bin/python bench/train_profile.py --shape v4k-h256-e8k2 --only ours --top 40
+    .venv/bin/python bench/train_profile.py --shape all --top 0                # the bound table, every shape
 
 The same step as the throughput benchmark (forward + backward + fused AdamW on the same weights, fp32 on CPU),
 under torch.profiler after warm-up: per framework the step's wall time, the self CPU time per op (ms per step,
 summed over the profiled steps and divided by their count) and the same time in groups (GEMMs, grouped GEMMs,
 attention, elementwise, data movement, the optimizer, the rest). The groups say where a framework spends what
 the other does not; docs/LOG.md keeps the tables that motivated each change.
+
+Then the bound at each shape: with both frameworks running the same GEMMs, nanoseek's step cannot be shorter
+than its own GEMM time (GEMMs + grouped GEMMs, profiled), so transformers' step over that time is the largest
+ratio any change outside the GEMMs can reach, and transformers' step / 1.5 less that GEMM time is what the rest
+of nanoseek's step (attention, elementwise, data movement, the optimizer) may take for a 1.5x ratio.
+Step times here are unprofiled (the median of --steps timed steps before the profiled ones).
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -84,27 +92,51 @@ def print_profile(results: dict[str, tuple[float, list]], top: int, tokens: int)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="small", choices=sorted(SWEEP))
+    ap.add_argument("--shape", default="small", choices=[*sorted(SWEEP), "all"])
     ap.add_argument("--only", choices=("ours", "hf"), default=None)
     ap.add_argument("--steps", type=int, default=2, help="profiled steps (after 2 warm-up steps)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    cfg, batch, seq = sweep_shape(args.shape)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-    y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-    results = {}
-    for kind in [args.only] if args.only else ["ours", "hf"]:
-        model = build(kind, cfg, torch.device("cpu"))
-        step = step_fn(model, kind == "hf", x, y, torch.autocast("cpu", enabled=False))
-        for _ in range(2):
-            step()
-        results[kind] = profile_step(step, args.steps)
-        del model, step
-    print(f"{args.shape}: {batch} x {seq} tokens per step, {args.threads} threads, {args.steps} profiled steps\n")
-    print_profile(results, args.top, batch * seq)
+    bounds = {}
+    for shape in list(SWEEP) if args.shape == "all" else [args.shape]:
+        cfg, batch, seq = sweep_shape(shape)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+        y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+        results, walls = {}, {}
+        for kind in [args.only] if args.only else ["ours", "hf"]:
+            model = build(kind, cfg, torch.device("cpu"))
+            step = step_fn(model, kind == "hf", x, y, torch.autocast("cpu", enabled=False))
+            for _ in range(2):
+                step()
+            walls[kind] = statistics.median(timed(step) for _ in range(args.steps))
+            results[kind] = profile_step(step, args.steps)
+            del model, step
+        print(f"{shape}: {batch} x {seq} tokens per step, {args.threads} threads, {args.steps} profiled steps\n")
+        if args.top:
+            print_profile(results, args.top, batch * seq)
+        if len(results) == 2:
+            bounds[shape] = bound(walls, results)
+    if bounds:
+        print("\n| shape | nanoseek s | transformers s | ratio | nanoseek GEMM s | largest ratio | rest now s "
+              "| rest for 1.5x s |\n|---|" + "---:|" * 7)
+        for shape, row in bounds.items():
+            print(f"| {shape} | " + " | ".join(f"{v:.2f}" for v in row) + " |")
+
+
+def timed(step) -> float:
+    t0 = time.perf_counter()
+    step()
+    return time.perf_counter() - t0
+
+
+def bound(walls: dict[str, float], results: dict[str, tuple[float, list]]) -> tuple[float, ...]:
+    """(ours s, hf s, ratio, our GEMM s, hf / our GEMM, our rest s, the rest's budget for 1.5x)."""
+    ours, hf = walls["ours"], walls["hf"]
+    gemm = sum(ms for op, ms, _ in results["ours"][1] if group_of(op) in ("GEMM", "grouped GEMM")) / 1e3
+    return ours, hf, hf / ours, gemm, hf / gemm, ours - gemm, hf / 1.5 - gemm
 
 
 if __name__ == "__main__":

@@ -23,8 +23,8 @@ class Block(nn.Module):
         self.mlp = MoE(cfg) if cfg.is_moe_layer(layer_idx) else MLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
-                balance_loss: bool = True) -> tuple[torch.Tensor, RouterStats | None]:
-        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache)
+                balance_loss: bool = True, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RouterStats | None]:
+        h = h + self.self_attn(self.input_layernorm(h), cos, sin, cache, mask)
         x = self.post_attention_layernorm(h)
         if isinstance(self.mlp, MoE):
             y, stats = self.mlp(x, balance_loss)

@@ -105,7 +105,9 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(h * self.d_v, H, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: LatentCache | None = None) -> torch.Tensor:
+                cache: LatentCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Without a cache: causal attention over the s tokens, or `mask` (b, s, s), True where a query may see
+        a key (packed sequences)."""
         b, s, _ = x.shape
         h, dn, r = self.n_heads, self.d_nope, self.rank
         if hasattr(self, "q_proj"):
@@ -119,7 +121,7 @@ class MLA(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)  # (b, s, c)
         k_pe = apply_rope(k_pe, cos, sin, self.interleave)  # (b, s, r)
         if cache is None:
-            o = self._naive(q_nope, q_pe, c_kv, k_pe, mask=None)
+            o = self._naive(q_nope, q_pe, c_kv, k_pe, mask=mask)
         else:
             latent = cache.update(self.layer_idx, torch.cat([c_kv, k_pe], dim=-1))  # (b, t, c + r)
             c_all, pe_all = latent.split([r, self.d_rope], dim=-1)

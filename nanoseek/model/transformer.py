@@ -109,12 +109,14 @@ class Transformer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, mtp: bool = True, labels: torch.Tensor | None = None,
-                logits_at: torch.Tensor | None = None) -> ModelOutput:
+                logits_at: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (b, s). positions (b, s): defaults to 0..s-1 (and must be given with a cache).
         Without a cache: causal attention over the s tokens, MTP outputs (if `mtp`) and balance losses.
         labels (b, s) (labels[:, i] = t_{i+1}, -100 = ignore): return losses instead of logits, computed by
         `linear_cross_entropy` without materializing the logits. logits_at (b, k): only the logits at these
-        indices along s, (b, k, V) (prefill needs the last prompt position only)."""
+        indices along s, (b, k, V) (prefill needs the last prompt position only). attn_mask (b, s, s) bool,
+        without a cache: True where query i may see key j, instead of causal (sequences packed into one row, each
+        with its own `positions`); every query must see at least one key; no MTP."""
         cfg = self.config
         self.check_input_ids(input_ids)
         b, s = input_ids.shape
@@ -128,12 +130,14 @@ class Transformer(nn.Module):
             cache.begin(positions)
         elif positions.shape != input_ids.shape or int(positions.max()) >= cfg.max_position_embeddings:
             raise ValueError(f"positions must have shape {tuple(input_ids.shape)} and be < max_position_embeddings")
+        if attn_mask is not None and (cache is not None or mtp or attn_mask.shape != (b, s, s)):
+            raise ValueError(f"attn_mask must have shape {(b, s, s)} and comes without a cache and without MTP")
         cos, sin = self.rope_cos_sin(positions)
         train = cache is None
         emb = self.embed_tokens(input_ids)
         h, router = emb, []
         for block in self.layers:
-            h, stats = block(h, cos, sin, cache, balance_loss=train)
+            h, stats = block(h, cos, sin, cache, balance_loss=train, mask=attn_mask)
             if stats is not None:
                 router.append(stats)
         h = self.norm(h)

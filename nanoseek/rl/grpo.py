@@ -66,6 +66,7 @@ class GRPOConfig:
     minibatches: int = 1  # optimizer steps per update pass over the batch
     micro_batch: int = 64  # sequences per forward (gradient accumulation inside a minibatch)
     mask_truncated: bool = True  # completions cut at L_max get no loss (DAPO overlong filtering)
+    pack_prompts: bool = True  # the update runs a group's prompt once where that costs fewer FLOPs (rl/packing.py)
     accuracy_weight: float = 1.0
     format_weight: float = 0.1
     reward_fns: str = ""  # extra rewards, comma-separated module:function, each fn(problem, text) -> float
@@ -179,16 +180,20 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str, norm: dict
     return (per_token * mask).sum() / (norm["sequences"] * max_len)
 
 
-def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, entropy: bool = False
+def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, entropy: bool = False, packed=None
                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log pi(ids[:, j+1] | ids[:, :j+1]) where mask (b, s - 1) is set, shape (b, s - 1), and optionally the
     entropy of those next-token distributions; 0 elsewhere. The head runs only on the columns from the first
-    to the last masked one (the shared prompt prefix and the padding after the longest completion get none)."""
+    to the last masked one (the shared prompt prefix and the padding after the longest completion get none).
+    `packed` (rl/packing.Packed of these ids): the forward runs on the groups' packed rows instead."""
     b, s = ids.shape
     cols = mask.any(dim=0).nonzero().flatten()
     lo, hi = (int(cols[0]), int(cols[-1]) + 1) if len(cols) else (0, 1)
-    index = torch.arange(lo, hi, device=ids.device).expand(b, -1)
-    logits = model(ids, mtp=False, logits_at=index).logits.float()  # (b, hi - lo, V)
+    if packed is None:
+        index = torch.arange(lo, hi, device=ids.device).expand(b, -1)
+        logits = model(ids, mtp=False, logits_at=index).logits.float()  # (b, hi - lo, V)
+    else:
+        logits = model.lm_head(packed.hidden(model, slice(lo, hi))).float()
     logp_all = logits.log_softmax(dim=-1)
     logp = logp_all.gather(-1, ids[:, lo + 1:hi + 1, None]).squeeze(-1)
     logp = F.pad(logp * mask[:, lo:hi], (lo, s - 1 - hi))

@@ -5,7 +5,8 @@
         G completions each from the inference engine (continuous batching on the latent cache; temperature
             T; a seed per completion), scored by the rule-based rewards (accuracy + format + user functions)
         advantages per group; [beta > 0] reference log-probs; [mu > 1 or minibatches > 1] old log-probs
-        mu passes over the batch in `minibatches` optimizer steps (micro-batched), gradient clipping
+        mu passes over the batch in `minibatches` optimizer steps (micro-batched by length, `plan`; a group's
+            shared prompt run once where that pays, rl/packing.py), gradient clipping
         log reward / accuracy / format / length / KL / entropy / clip fractions / rollout tok/s, generation
             and update seconds (gen_time, update_time) / MFU; samples;
         held-out pass@1 every eval_every steps; atomic checkpoints (policy, optimizer, reference, RNG)
@@ -38,6 +39,7 @@ from nanoseek.model import Transformer
 from nanoseek.report import compute_rows, plot_rl, write_report
 from nanoseek.rl.evaluate import evaluate, prompt_ids
 from nanoseek.rl.grpo import GRPOConfig, group_advantages, policy_loss, token_logprobs
+from nanoseek.rl.packing import Packed, pays
 from nanoseek.rl.rewards import Rewards
 from nanoseek.runs import latest_checkpoint, load_tensors
 from nanoseek.runtime import MetricsLog, resolve_device
@@ -144,13 +146,50 @@ def micro_batches(rows: torch.Tensor, seq_len: torch.Tensor, cfg: GRPOConfig) ->
     return out[::-1]
 
 
-def _logprobs(model, ids, mask, seq_len, cfg: GRPOConfig) -> torch.Tensor:
-    """token_logprobs (N, S - 1) without autograd, in length-sorted micro-batches; rows without a loss token
+def plan(rows: torch.Tensor, ids: torch.Tensor, seq_len: torch.Tensor, prompt_len: torch.Tensor, cfg: GRPOConfig,
+         model_cfg) -> list[tuple[torch.Tensor, int, list[int] | None]]:
+    """The update's micro-batches of `rows`: (rows, width, group sizes or None). With cfg.pack_prompts (not for
+    micro_token), the rows that share a prompt are a group, run as one packed row where that costs fewer FLOPs
+    (rl/packing.py), whole groups per micro-batch, at most cfg.micro_batch sequences (or one group) each, by
+    packed length; the other rows as `micro_batches` cuts them."""
+    if not cfg.pack_prompts or cfg.loss_agg == "micro_token":
+        return [(m, w, None) for m, w in micro_batches(rows, seq_len, cfg)]
+    groups: dict[tuple, list[int]] = {}
+    for r in rows.tolist():
+        p = int(prompt_len[r])
+        groups.setdefault((p, *ids[r, :p].tolist()), []).append(r)
+    packs, single = [], []
+    for (p, *_), g in groups.items():
+        if len(g) > 1 and pays(model_cfg, p, [int(seq_len[r]) - p for r in g]):
+            packs.append((p + sum(int(seq_len[r]) - p for r in g), g))
+        else:
+            single += g
+    out = [(m, w, None) for m, w in micro_batches(torch.tensor(single, dtype=torch.long, device=rows.device),
+                                                  seq_len, cfg)] if single else []
+    batch: list[list[int]] = []
+    for _, g in sorted(packs, key=lambda x: x[0]) + [(0, [])]:
+        if batch and (not g or sum(map(len, batch)) + len(g) > cfg.micro_batch):
+            m = torch.tensor([r for b in batch for r in b], device=rows.device)
+            out.append((m, int(seq_len[m].max()), [len(b) for b in batch]))
+            batch = []
+        if g:
+            batch.append(g)
+    return out
+
+
+def _forward(model, ids, mask, seq_len, prompt_len, m, w, sizes, entropy=False):
+    """token_logprobs of rows m (width w), packed by groups of `sizes` rows when given."""
+    packed = Packed.build(ids[m, :w], seq_len[m], prompt_len[m], sizes) if sizes else None
+    return token_logprobs(model, ids[m, :w], mask[m, : w - 1], entropy, packed)
+
+
+def _logprobs(model, ids, mask, seq_len, prompt_len, cfg: GRPOConfig) -> torch.Tensor:
+    """token_logprobs (N, S - 1) without autograd, micro-batched as the update's `plan`; rows without a loss token
     stay 0 (nothing reads them)."""
     out = torch.zeros(mask.shape, device=ids.device)
     with torch.no_grad():
-        for m, w in micro_batches(mask.any(dim=1).nonzero()[:, 0], seq_len, cfg):
-            out[m, : w - 1] = token_logprobs(model, ids[m, :w], mask[m, : w - 1])[0]
+        for m, w, sizes in plan(mask.any(dim=1).nonzero()[:, 0], ids, seq_len, prompt_len, cfg, model.config):
+            out[m, : w - 1] = _forward(model, ids, mask, seq_len, prompt_len, m, w, sizes)[0]
     return out
 
 
@@ -159,10 +198,11 @@ def update(model, optimizer, ref, batch: Rollout, adv: torch.Tensor, cfg: GRPOCo
     device = next(model.parameters()).device
     ids, mask, adv = batch.ids.to(device), batch.mask.to(device), adv.to(device)
     seq_len = torch.tensor(batch.seq_lengths, device=device)
+    prompt_len = seq_len - torch.tensor(batch.lengths, device=device)
     model.train()
     off_policy = cfg.mu > 1 or cfg.minibatches > 1
-    old = _logprobs(model, ids, mask, seq_len, cfg) if off_policy else None
-    ref_logp = _logprobs(ref, ids, mask, seq_len, cfg) if ref is not None else None
+    old = _logprobs(model, ids, mask, seq_len, prompt_len, cfg) if off_policy else None
+    ref_logp = _logprobs(ref, ids, mask, seq_len, prompt_len, cfg) if ref is not None else None
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
     sums = {"loss": 0.0, "entropy": 0.0, "clip_low": 0.0, "clip_high": 0.0, "kl": 0.0, "grad_norm": 0.0}
     n_tokens = max(int(mask.sum()), 1)
@@ -174,8 +214,8 @@ def update(model, optimizer, ref, batch: Rollout, adv: torch.Tensor, cfg: GRPOCo
             # a sequence without a loss token (a truncated completion under mask_truncated) adds nothing to the
             # loss, its gradient or the statistics: it is not run (micro_token keeps its micro-batches as drawn)
             live = mb if cfg.loss_agg == "micro_token" else mb[mask[mb].any(dim=1)]
-            for micro, w in micro_batches(live, seq_len, cfg):
-                logp, ent = token_logprobs(model, ids[micro, :w], mask[micro, : w - 1], entropy=epoch == 0)
+            for micro, w, sizes in plan(live, ids, seq_len, prompt_len, cfg, model.config):
+                logp, ent = _forward(model, ids, mask, seq_len, prompt_len, micro, w, sizes, entropy=epoch == 0)
                 logp_old = old[micro, : w - 1] if old is not None else logp.detach()
                 loss, stats = policy_loss(logp, logp_old, adv[micro], mask[micro, : w - 1], cfg, norm,
                                           None if ref_logp is None else ref_logp[micro, : w - 1])
@@ -206,13 +246,21 @@ def heldout_eval(model, tok, cfg: GRPOConfig) -> dict:
 def _flops(cfg: GRPOConfig, model_cfg, batch: Rollout, ref: bool) -> float:
     """Model FLOPs of one step: prefill + absorbed decode for the rollouts, forward + backward per update
     pass over the real tokens of the sequences it runs (padding and sequences without a loss token are not model
-    work), and the forward-only passes for old / reference log-probs."""
+    work; a packed group's prompt counts once), and the forward-only passes for old / reference log-probs."""
     S = batch.ids.shape[1]
     gen_tokens = sum(batch.lengths)
     roll = (batch.prompt_tokens * inference_flops_per_token(model_cfg, S).total
             + gen_tokens * inference_flops_per_token(model_cfg, S, absorbed=True).total)
-    run = batch.mask.any(dim=1).tolist()  # the update skips sequences without a loss token (but for micro_token)
-    tokens = sum(n for n, r in zip(batch.seq_lengths, run) if r or cfg.loss_agg == "micro_token")
+    seq_len = torch.tensor(batch.seq_lengths)
+    prompt_len = seq_len - torch.tensor(batch.lengths)
+    rows = torch.arange(len(seq_len)) if cfg.loss_agg == "micro_token" else batch.mask.any(dim=1).nonzero()[:, 0]
+    tokens = 0  # the update skips sequences without a loss token (but for micro_token)
+    for m, _, sizes in plan(rows, batch.ids, seq_len, prompt_len, cfg, model_cfg):
+        tokens += int(seq_len[m].sum())
+        start = 0
+        for n in sizes or []:  # a packed group of n sequences runs its prompt once
+            tokens -= (n - 1) * int(prompt_len[m[start]])
+            start += n
     train = train_flops_per_token(model_cfg, S).total * tokens
     forwards = (cfg.mu > 1 or cfg.minibatches > 1) + ref
     return roll + train * (cfg.mu + forwards / 3)

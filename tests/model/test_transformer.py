@@ -92,3 +92,25 @@ def test_v2_style_model_runs():
     assert hasattr(model.layers[0].self_attn, "q_proj")
     out = model(torch.randint(0, 512, (1, 8)))
     assert out.logits.shape == (1, 8, 512) and out.mtp_logits == []
+
+
+def test_attn_mask_packs_two_sequences_into_one_row():
+    """A row holding two sequences, each seeing only itself (attn_mask) at its own positions, gives each
+    sequence's logits from its own forward; a causal mask is the default forward."""
+    model = tiny_model()
+    a, b = torch.randint(0, 512, (1, 7)), torch.randint(0, 512, (1, 5))
+    row = torch.cat([a, b], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    seg = torch.tensor([0] * 7 + [1] * 5)
+    mask = (torch.ones(12, 12, dtype=torch.bool).tril() & (seg[:, None] == seg[None, :]))[None]
+    with torch.no_grad():
+        packed = model(row, positions, mtp=False, attn_mask=mask).logits
+        torch.testing.assert_close(packed[:, :7], model(a, mtp=False).logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(packed[:, 7:], model(b, mtp=False).logits, atol=1e-5, rtol=1e-5)
+        causal = torch.ones(1, 12, 12, dtype=torch.bool).tril()
+        torch.testing.assert_close(model(row, mtp=False, attn_mask=causal).logits, model(row, mtp=False).logits,
+                                   atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="without MTP"):
+        model(row, attn_mask=mask)
+    with pytest.raises(ValueError, match=r"attn_mask must have shape \(1, 12, 12\)"):
+        model(row, mtp=False, attn_mask=mask[:, :5])
