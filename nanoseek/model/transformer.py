@@ -132,6 +132,9 @@ class Transformer(nn.Module):
             raise ValueError(f"positions must have shape {tuple(input_ids.shape)} and be < max_position_embeddings")
         if attn_mask is not None and (cache is not None or mtp or attn_mask.shape != (b, s, s)):
             raise ValueError(f"attn_mask must have shape {(b, s, s)} and comes without a cache and without MTP")
+        if attn_mask is not None and not bool(attn_mask.any(dim=-1).all()):
+            row, query = (int(i) for i in (~attn_mask.any(dim=-1)).nonzero()[0])
+            raise ValueError(f"attn_mask: query {query} of row {row} sees no key (its attention would be NaN)")
         cos, sin = self.rope_cos_sin(positions)
         train = cache is None
         emb = self.embed_tokens(input_ids)

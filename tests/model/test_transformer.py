@@ -114,3 +114,7 @@ def test_attn_mask_packs_two_sequences_into_one_row():
         model(row, attn_mask=mask)
     with pytest.raises(ValueError, match=r"attn_mask must have shape \(1, 12, 12\)"):
         model(row, mtp=False, attn_mask=mask[:, :5])
+    blind = mask.clone()
+    blind[0, 9] = False
+    with pytest.raises(ValueError, match="query 9 of row 0 sees no key"):
+        model(row, positions, mtp=False, attn_mask=blind)
