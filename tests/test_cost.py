@@ -101,9 +101,10 @@ def test_mla_cache_bytes():
 @pytest.fixture
 def loop_experts(monkeypatch):
     """The per-expert loop, whose mm FLOPs FlopCounterMode counts (it has no formula for grouped_mm), and
-    unpadded V in SDPA (the math kernel's bmm FLOPs are counted; the CPU flash kernel's are not)."""
+    plain SDPA (its math kernel's bmm FLOPs are counted; the CPU flash kernel's are not, and the blocked kernel
+    computes only part of the masked half)."""
     monkeypatch.setattr(moe_module, "grouped_mm_ok", lambda x: False)
-    monkeypatch.setattr(MLA, "pad_v", False)
+    monkeypatch.setattr(MLA, "fused_attention", False)
 
 
 def counted(fn) -> dict:

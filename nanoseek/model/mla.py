@@ -7,7 +7,8 @@ Shapes: b batch, s query length, t key length, h heads, d head dims, c latent (r
     o = softmax(([q_nope, RoPE(q_pe)] . [k_nope, RoPE(k_pe)]) * scale) v;   out = W_O o
 
 Two equal ways to compute it:
-- naive (training, prefill): expand the latent to per-head K and V and call SDPA.
+- naive (training, prefill): expand the latent to per-head K and V and attend (attention.py: SDPA, or a blocked
+  kernel for training on CPU).
 - absorbed (decoding, `absorbed` below, also called by infer/fastpath/plan.py): fold W_UK into the query and W_UV after
   the weighted sum, so attention runs on the latent cache directly: MQA with one KV head of key dim c + r and
   value dim c. The cache holds
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
+from nanoseek.model.attention import causal_attention
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
 
@@ -82,7 +84,7 @@ class LatentCache:
 
 class MLA(nn.Module):
     absorb_max_query = 16  # up to this many new tokens per row, attend on the latent cache (memory-bound regime)
-    pad_v = True  # causal SDPA: pad V to the QK head dim so the fused (flash) kernel applies (same result)
+    fused_attention = True  # causal attention through attention.py's faster kernels (same result); False: SDPA
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
@@ -135,19 +137,19 @@ class MLA(nn.Module):
         return self.o_proj(o.reshape(b, s, h * self.d_v))
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Expand the latent into per-head K, V (b, t, h, d) and run SDPA; causal, or `mask` (b, s, t)."""
+        """Expand the latent into per-head K, V (b, t, h, d) and attend: causal (attention.py), or SDPA with `mask`
+        (b, s, t)."""
         b, t, _ = c_kv.shape
         h, dn = self.n_heads, self.d_nope
         k_nope, v = self.kv_b_proj(c_kv).view(b, t, h, dn + self.d_v).split([dn, self.d_v], dim=-1)
         k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, t, h, self.d_rope)], dim=-1)
         q = torch.cat([q_nope, q_pe], dim=-1)
-        pad = k.shape[-1] - self.d_v if mask is None and self.pad_v else 0
-        if pad > 0:  # causal SDPA has a fused (flash) kernel only for equal K and V head dims: pad V with zeros
-            v = F.pad(v, (0, pad))
-        o = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-            attn_mask=None if mask is None else mask[:, None], is_causal=mask is None, scale=self.scale)
-        return o.transpose(1, 2)[..., : self.d_v]  # (b, s, h, d_v)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if mask is None:
+            o = causal_attention(q, k, v, self.scale, fused=self.fused_attention)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
+        return o.transpose(1, 2)  # (b, s, h, d_v)
 
 
 def absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, hidden: torch.Tensor | None,

@@ -105,6 +105,6 @@ def test_padded_v_flash_path_equals_math_path(monkeypatch):
     ids = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
         padded = model(ids).logits
-        monkeypatch.setattr(MLA, "pad_v", False)
+        monkeypatch.setattr(MLA, "fused_attention", False)
         plain = model(ids).logits
     torch.testing.assert_close(padded, plain, atol=1e-5, rtol=1e-5)
