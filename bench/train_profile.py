@@ -7,8 +7,10 @@
 The same step as the throughput benchmark (forward + backward + fused AdamW on the same weights, fp32 on CPU),
 under torch.profiler after warm-up: per framework the step's wall time, the self CPU time per op (ms per step,
 summed over the profiled steps and divided by their count) and the same time in groups (GEMMs, grouped GEMMs,
-attention, elementwise, data movement, the optimizer, the rest). The groups say where a framework spends what
-the other does not; docs/LOG.md keeps the tables that motivated each change.
+attention kernels, elementwise, data movement, the optimizer, the rest; the batched products of a matmul-based
+attention, nanoseek's blocked kernel on CPU or transformers' math SDPA, count as GEMMs, their softmax as
+elementwise). The groups say where a framework spends what the other does not; docs/LOG.md keeps the tables
+that motivated each change.
 
 Then the bound at each shape: with both frameworks running the same GEMMs, nanoseek's step cannot be shorter
 than its own GEMM time (GEMMs + grouped GEMMs, profiled), so transformers' step over that time is the largest

@@ -142,9 +142,10 @@ class MLA(nn.Module):
         b, t, _ = c_kv.shape
         h, dn = self.n_heads, self.d_nope
         k_nope, v = self.kv_b_proj(c_kv).view(b, t, h, dn + self.d_v).split([dn, self.d_v], dim=-1)
-        k = torch.cat([k_nope, k_pe[:, :, None, :].expand(b, t, h, self.d_rope)], dim=-1)
-        q = torch.cat([q_nope, q_pe], dim=-1)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        # (b, h, t, d), concatenated in that layout so that the kernels get contiguous heads without another copy
+        k = torch.cat([k_nope.transpose(1, 2), k_pe[:, None].expand(b, h, t, self.d_rope)], dim=-1)
+        q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)
+        v = v.transpose(1, 2)
         if mask is None:
             o = causal_attention(q, k, v, self.scale, fused=self.fused_attention)
         else:

@@ -100,7 +100,8 @@ def test_begin_sets_the_step_once_per_positions():
     assert cache.hidden is None and cache.mask.all()
 
 
-def test_padded_v_flash_path_equals_math_path(monkeypatch):
+def test_fused_attention_equals_plain_sdpa(monkeypatch):
+    """Prefill without autograd: SDPA with V padded for the CPU flash kernel, against plain SDPA."""
     model = tiny_model()
     ids = torch.randint(0, 512, (2, 24))
     with torch.no_grad():
