@@ -11,7 +11,9 @@ Shapes: q, k (b, h, s, d_qk), v (b, h, s, d_v), o (b, h, s, d_v); B = b h in the
   saved log-sum-exp, as FlashAttention does (Dao et al. 2022, section 3.1):
       P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = scale dS K,
       dK = scale dS^T Q
-  Its batched GEMMs run near MKL's rate where the CPU flash kernel's small tiles do not: 20-40% less time for
+  The exponentials are base 2, the scores scaled by log2(e) inside their GEMM (2^(x log2 e) = e^x): exp2 runs
+  ~3.5x faster than exp in this CPU build (7.7 vs 2.2 G/s; docs/LOG.md, session 12), and the scaling costs
+  nothing. Its batched GEMMs run near MKL's rate where the CPU flash kernel's small tiles do not: 20-40% less time for
   forward + backward at 128-512 tokens, about even at 1024, slower at 2048 and at a few dozen tokens
   (docs/LOG.md, session 11), hence the range.
 """
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 
 BLOCK = 64  # query rows per block: the diagonal blocks compute (1 + BLOCK / s) / 2 of the full square
 BLOCK_RANGE = (128, 1024)  # sequence lengths where `BlockCausal` beats the CPU flash kernel (fwd + bwd)
+LOG2E = 1.4426950408889634  # log2(e): e^x = 2^(x LOG2E)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -55,15 +58,15 @@ class BlockCausal(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, scale):
         B, s, _ = q.shape
-        o, lse = q.new_empty(B, s, v.shape[-1]), q.new_empty(B, s, 1)
+        o, lse = q.new_empty(B, s, v.shape[-1]), q.new_empty(B, s, 1)  # lse: base 2, of log2(e) S
         buf = q.new_empty(B * min(BLOCK, s) * s)
         for i0 in range(0, s, BLOCK):
             i1 = min(i0 + BLOCK, s)
-            S = _scores(q, k, i0, i1, scale, buf)
+            S = _scores(q, k, i0, i1, scale * LOG2E, buf)
             m = S.amax(dim=-1, keepdim=True)
-            l = S.sub_(m).exp_().sum(dim=-1, keepdim=True)  # noqa: E741 (the paper's l)
+            l = S.sub_(m).exp2_().sum(dim=-1, keepdim=True)  # noqa: E741 (the paper's l)
             o[:, i0:i1] = torch.bmm(S, v[:, :i1]).div_(l)
-            lse[:, i0:i1] = m + l.log()
+            lse[:, i0:i1] = m + l.log2()
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.scale = scale
         return o
@@ -80,7 +83,7 @@ class BlockCausal(torch.autograd.Function):
         buf = q.new_empty(2 * half)
         for i0 in range(0, s, BLOCK):
             i1 = min(i0 + BLOCK, s)
-            P = _scores(q, k, i0, i1, ctx.scale, buf[:half]).sub_(lse[:, i0:i1]).exp_()
+            P = _scores(q, k, i0, i1, ctx.scale * LOG2E, buf[:half]).sub_(lse[:, i0:i1]).exp2_()
             dv[:, :i1] += torch.bmm(P.transpose(1, 2), do[:, i0:i1])
             dS = buf[half: half + P.numel()].view_as(P)
             torch.baddbmm(dS, do[:, i0:i1], v[:, :i1].transpose(1, 2), beta=0, out=dS)  # dP

@@ -3,7 +3,8 @@
     loss = mean_n [logsumexp(h_n W^T) - (h_n W^T)_{y_n}]      over targets y_n != ignore_index
     dL/dlogits = (softmax - onehot(y)) / N,   dh = dlogits W,   dW = dlogits^T h
 
-The rows are processed in chunks that fit in cache; the gradients are computed in the same pass (as in
+The rows are processed in chunks that fit in cache; the logits are scaled by log2(e) in their GEMM and the
+softmax taken in base 2 (exp2 runs ~3.5x faster than exp on CPU: model/attention.py); the gradients are computed in the same pass (as in
 Liger's fused linear cross-entropy) and handed to autograd, so training never holds the full logits in
 memory. The FLOPs are those of the plain head + cross-entropy (forward and backward). Without autograd
 the gradient work is skipped.
@@ -18,7 +19,10 @@ from __future__ import annotations
 
 import torch
 
+from nanoseek.model.attention import LOG2E
 from nanoseek.model.workspace import Workspace
+
+LN2 = 0.6931471805599453  # 1 / LOG2E
 
 
 def _chunk_rows(vocab: int) -> int:
@@ -38,14 +42,15 @@ def _one(h, wf, target, ignore_index, dh, dw, buf) -> torch.Tensor:
     for i in range(0, n, step):
         hc, tc, vc = h[i:i + step], target[i:i + step], valid[i:i + step]
         hc, c = hc.float(), len(hc)
-        logits = torch.mm(wf, hc.T, out=buf[: V * c].view(-1, c))  # (V, c)
+        logits = buf[: V * c].view(-1, c)
+        torch.addmm(logits, wf, hc.T, beta=0, alpha=LOG2E, out=logits)  # (V, c), log2(e) W h^T
         safe = tc.where(vc, 0)
         picked = logits.gather(0, safe[None, :]).squeeze(0)
         top = logits.amax(dim=0, keepdim=True)
-        p = logits.sub_(top).exp_()  # in place: exp(logits - max)
+        p = logits.sub_(top).exp2_()  # in place: e^(W h^T - max)
         z = p.sum(dim=0, keepdim=True)
-        lse = (top + z.log()).squeeze(0)
-        total += ((lse - picked) * vc).sum()
+        lse = (top + z.log2()).squeeze(0)  # base 2: logsumexp / ln 2
+        total += ((lse - picked) * vc).sum() * LN2
         if dh is not None:
             p.div_(z)  # softmax
             p[safe, torch.arange(c, device=p.device)] -= 1
