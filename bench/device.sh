@@ -26,7 +26,7 @@ part() {  # part NAME SECONDS COMMAND...: one logged part with its own limit; a 
     echo "== $name: exit ${PIPESTATUS[0]}" | tee -a "$OUT/summary.txt"
 }
 
-$PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'bench/device.sh: no CUDA device here')" || exit 1
+$PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 'no CUDA device here')" || exit 1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/summary.txt"
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/summary.txt"

@@ -13,8 +13,8 @@ Shapes: q, k (b, h, s, d_qk), v (b, h, s, d_v), o (b, h, s, d_v); B = b h in the
       dK = scale dS^T Q
   The exponentials are base 2, the scores scaled by log2(e) inside their GEMM (2^(x log2 e) = e^x): exp2 runs
   ~3.5x faster than exp in this CPU build (7.7 vs 2.2 G/s; docs/LOG.md, session 12), and the scaling costs
-  nothing. Its batched GEMMs run near MKL's rate where the CPU flash kernel's small tiles do not: 20-40% less time for
-  forward + backward at 128-512 tokens, about even at 1024, slower at 2048 and at a few dozen tokens
+  nothing. Its batched GEMMs run near MKL's rate where the CPU flash kernel's small tiles do not: 20-40% less
+  time for forward + backward at 128-512 tokens, about even at 1024, slower at 2048 and at a few dozen tokens
   (docs/LOG.md, session 11), hence the range.
 """
 

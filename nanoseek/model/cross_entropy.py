@@ -4,9 +4,9 @@
     dL/dlogits = (softmax - onehot(y)) / N,   dh = dlogits W,   dW = dlogits^T h
 
 The rows are processed in chunks that fit in cache; the logits are scaled by log2(e) in their GEMM and the
-softmax taken in base 2 (exp2 runs ~3.5x faster than exp on CPU: model/attention.py); the gradients are computed in the same pass (as in
-Liger's fused linear cross-entropy) and handed to autograd, so training never holds the full logits in
-memory. The FLOPs are those of the plain head + cross-entropy (forward and backward). Without autograd
+softmax taken in base 2 (exp2 runs ~3.5x faster than exp on CPU: model/attention.py); the gradients are
+computed in the same pass (as in Liger's fused linear cross-entropy) and handed to autograd, so training never
+holds the full logits in memory. The FLOPs are those of the plain head + cross-entropy (forward and backward). Without autograd
 the gradient work is skipped.
 
 Several losses on one weight (the main head and MTP's depths share it) are one autograd node: its backward
