@@ -4,7 +4,7 @@
 #
 #   bash bench/device.sh                 # logs in $OUT (the device tool's folder), else runs/device/
 #
-# The machine brings its own CUDA torch; this script installs nothing. Wheels it lacks (math-verify and its
+# The machine brings its own CUDA torch and fetches nothing. Wheels it lacks (math-verify and its
 # needs, fastapi, ...) can travel in .whl/ (the device tool's README says how to fetch them); they are
 # installed into /tmp/site first when that folder is there. The test files are named one by one, so the other
 # test modules' imports (the server's clients, TRL) need not be on the machine.
