@@ -13,7 +13,9 @@ nanoseek row "+MTP" shows the cost of the V3 MTP module on top. MFU uses `nanose
 its GEMM peak (`gemm_peak`: the machine's best clean measurement, cached; the datasheet's on a GPU).
 Peak memory is measured per framework in a fresh subprocess (VmHWM; on a GPU max_memory_allocated).
 `--threads N` sets the torch thread count; `--keep-freed-memory` makes glibc reuse freed pages (no mmap,
-no trim) for the whole process, so for both frameworks (docs/LOG.md: page faults in training).
+no trim) for the whole process, so for both frameworks (docs/LOG.md: page faults in training). nanoseek's
+first oneDNN product does the same where it picks oneDNN over BLAS (model/gemm.py), so then both frameworks
+step with it after the first step; in the memory subprocesses only nanoseek's does.
 `--sweep` runs every shape of `SWEEP` (vocab 4k-64k, hidden 256-1024, 8-64 routed experts with top-k 2-8,
 sequence 256-1024, with and without q-LoRA, one dense-only) against transformers' defaults only, and
 prints per shape the tok/s of each (median, min-max over repeats), their ratio per repeat (median, min-max),
@@ -37,6 +39,7 @@ import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cost import train_flops_per_token
+from nanoseek.model.gemm import keep_freed_memory
 from nanoseek.peak import gemm_peak
 from nanoseek.train.loop import v3_loss
 
@@ -256,12 +259,8 @@ def main():
     args.steps = args.steps or (2 if args.quick else 4 if args.sweep else 6)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:  # glibc mallopt: M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2^31 - 1
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-4, 0)
-        libc.mallopt(-1, 2**31 - 1)
+    if args.keep_freed_memory:
+        keep_freed_memory()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")

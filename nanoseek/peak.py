@@ -1,6 +1,7 @@
 """The peak FLOP/s MFU is measured against (perf-notes section 3): GPUs' dense tensor-core peaks from their
-datasheets (`GPUS`, no 2:4 sparsity); on a CPU, the best GEMM measurement taken at idle, cached per machine
-(CPU model, threads, torch version, dtype) in the user's cache directory (`gemm_peak`). A measurement taken
+datasheets (`GPUS`, no 2:4 sparsity); on a CPU, the best GEMM measurement taken at idle, through the faster of
+the two GEMM libraries torch carries (BLAS and oneDNN: model/gemm.py), cached per machine (CPU model, threads,
+torch version, dtype, libraries) in the user's cache directory (`gemm_peak`). A measurement taken
 while the cores are busy never enters the cache, and a run's peak is never below its own throughput
 (`honest_peak`: MFU <= 1; a stale peak is re-measured, with a warning).
 """
@@ -38,37 +39,53 @@ GPUS: dict[str, GPU] = {
     "a100": GPU("NVIDIA A100 SXM", {"bf16": 312e12},
                 "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOP/s dense (624 with sparsity); no FP8", 80e9),
     "cpu": GPU("this machine's CPU", {"fp32": None},
-               "measured now: max over 3 repeats of fp32 a@b at 2048^3 and 4096^3 (perf-notes section 3)"),
+               "measured now: max over 3 repeats of an fp32 n^3 product at n = 2048 and 4096, through BLAS (torch.mm) "
+               "and oneDNN (perf-notes section 3)"),
 }
 
 
-def measure_gemm_peak(dtype=None, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3, device=None) -> float:
-    """Peak matmul FLOP/s of `device` (default cpu): the max over `repeats` timed runs of a @ b at n^3 for each
-    n in `sizes`, counting 2 n^3 FLOPs, after one untimed warm-up per size (perf-notes section 3). dtype
-    defaults to what the device trains in: float32 on CPU, bfloat16 on CUDA."""
+def gemm_rates(dtype=None, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3, device=None
+               ) -> dict[str, float]:
+    """Matmul FLOP/s of `device` (default cpu) per GEMM library: the max over `repeats` timed runs of an n^3
+    product for each n in `sizes`, counting 2 n^3 FLOPs, after one untimed warm-up per size (perf-notes
+    section 3). On a CPU in fp32 both libraries torch carries: BLAS (torch.mm) and oneDNN (model/gemm.py: on
+    some chips twice BLAS's rate); elsewhere torch.mm. dtype defaults to what the device trains in: float32 on
+    CPU, bfloat16 on CUDA."""
     import torch
+
+    from nanoseek.model.gemm import onednn_product
 
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = 0.0
+    products = {"blas": torch.mm}
+    if device.type == "cpu" and dtype == torch.float32 and onednn_product() is not None:
+        products["onednn"] = onednn_product()  # X W^T: the same 2 n^3 FLOPs
+    best = dict.fromkeys(products, 0.0)
     with torch.inference_mode():
         for n in sizes:
             a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-            a @ b
-            sync()
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                a @ b
+            for name, product in products.items():
+                product(a, b)
                 sync()
-                best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    product(a, b)
+                    sync()
+                    best[name] = max(best[name], 2 * n**3 / (time.perf_counter() - t0))
     return best
+
+
+def measure_gemm_peak(dtype=None, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3, device=None) -> float:
+    """Peak matmul FLOP/s: the fastest library's rate (`gemm_rates`)."""
+    return max(gemm_rates(dtype, sizes, repeats, device).values())
 
 
 # ---------------------------------------------------------------------- the peak MFU is measured against
 BUSY_CORES = 0.25  # a measurement is under load when other processes use more cores than this (bench/hostload.py)
 MIN_SHARE = 0.75  # or when the measuring thread runs less than this share of the wall time (cores oversubscribed)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # precision -> the dtype a peak is measured in
+LIBRARIES = {"blas": "BLAS (torch.mm)", "onednn": "oneDNN"}  # gemm_rates' keys
 
 
 class Peak(NamedTuple):
@@ -100,18 +117,24 @@ def peak_cache_path() -> Path:
 
 def peak_key(device: str, precision: str) -> str:
     """What a measured peak belongs to: the chip (/proc/cpuinfo's model name, or the GPU's), torch's threads and
-    version, the dtype. E.g. "AMD EPYC | 2 threads | torch 2.13.0+cpu | float32"."""
+    version, the dtype, the GEMM libraries measured (`gemm_rates`). E.g. "AMD EPYC | 2 threads | torch
+    2.13.0+cpu | float32 | blas+onednn"."""
     import platform
 
     import torch
+
+    from nanoseek.model.gemm import onednn_product
 
     try:
         cpu = [x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")][:1]
     except OSError:
         cpu = []
     chip = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "".join(cpu)
+    dtype = DTYPES.get(precision, precision)
+    libraries = "blas+onednn" if torch.device(device).type == "cpu" and dtype == "float32" and onednn_product() \
+        else "torch.mm"
     return f"{chip or platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | " \
-           f"torch {torch.__version__} | {DTYPES.get(precision, precision)}"
+           f"torch {torch.__version__} | {dtype} | {libraries}"
 
 
 def cached_peaks() -> dict[str, dict]:
@@ -145,21 +168,32 @@ def _busy_s() -> float:
 
 
 def measure_at_idle(device: str = "cpu", precision: str = "fp32", repeats: int = 10) -> tuple[float, dict]:
-    """A GEMM peak (`measure_gemm_peak`, 2048^3 on CPU, max of `repeats`) and the load during it: "other_cores"
+    """A GEMM peak (`gemm_rates`' best, 2048^3 on CPU, max of `repeats`) and the load during it: "other_cores"
     (cores other processes kept busy: /proc/stat minus this process), "thread_share" (the measuring thread's CPU
     time / wall time: below 1 when the cores are oversubscribed, by this process's own threads too), and
-    "busy": why the measurement cannot stand for the machine ("" when clean; GPUs are not checked)."""
+    "busy": why the measurement cannot stand for the machine ("" when clean; GPUs are not checked), "gemms":
+    each library's GFLOP/s."""
     import torch
 
     cuda, own = torch.device(device).type == "cuda", lambda: sum(os.times()[:2])
     b0, o0, c0, t0 = _busy_s(), own(), time.thread_time(), time.perf_counter()
-    flops = measure_gemm_peak(getattr(torch, DTYPES.get(precision, "bfloat16")), (8192,) if cuda else (2048,),
-                              repeats, device)
+    rates = gemm_rates(getattr(torch, DTYPES.get(precision, "bfloat16")), (8192,) if cuda else (2048,), repeats,
+                       device)
     wall = max(time.perf_counter() - t0, 1e-9)
     other, share = max(0.0, _busy_s() - b0 - (own() - o0)) / wall, (time.thread_time() - c0) / wall
     busy = "" if cuda else f"other processes kept {other:.2f} cores busy" if other > BUSY_CORES else \
         f"the measuring thread ran {share:.0%} of the time" if share < MIN_SHARE else ""
-    return flops, {"other_cores": round(other, 3), "thread_share": round(share, 3), "busy": busy}
+    return max(rates.values()), {"other_cores": round(other, 3), "thread_share": round(share, 3), "busy": busy,
+                                 "gemms": {k: round(v / 1e9, 1) for k, v in rates.items()}}
+
+
+def _libraries(entry: dict) -> str:
+    """", oneDNN (BLAS 194 GFLOP/s)": the library a measurement's peak came from, where it names them."""
+    rates = entry.get("gemms") or {}
+    if len(rates) < 2:
+        return ""
+    best = max(rates, key=rates.get)
+    return f", {LIBRARIES[best]} ({', '.join(f'{LIBRARIES[k]} {v:,.0f} GFLOP/s' for k, v in rates.items() if k != best)})"
 
 
 _PEAKS: dict[str, Peak] = {}  # per process: the peak in use, per `peak_key`
@@ -181,15 +215,15 @@ def gemm_peak(device: str = "cpu", precision: str = "fp32", again: bool = False,
     if key in _PEAKS and not again:
         return _PEAKS[key]
     entry = cached_peaks().get(key)
-    best = Peak(entry["flops"], "cached", f"measured at idle on {entry['date']} in {peak_cache_path()}", device,
-                precision) if entry else _PEAKS.get(key)
+    best = Peak(entry["flops"], "cached", f"measured at idle on {entry['date']}{_libraries(entry)} in "
+                f"{peak_cache_path()}", device, precision) if entry else _PEAKS.get(key)
     loaded: tuple[float, dict] = (0.0, {})
     for attempt in range(attempts if best is None or again else 0):
         flops, load = measure_at_idle(device, precision)
         if not load.pop("busy"):
             _cache_peak(key, {"flops": flops, "date": today, **load})
             if best is None or flops > best.flops:
-                best = Peak(flops, "measured at idle", today, device, precision)
+                best = Peak(flops, "measured at idle", today + _libraries(load), device, precision)
             break
         loaded = max(loaded, (flops, load), key=lambda m: m[0])
         time.sleep(0.5 if attempt + 1 < attempts else 0)

@@ -16,7 +16,7 @@ ALLOWED = {
     "report": set(),
     "data": set(),  # knows no model: text, tokenizer, shards, tasks
     "model": {"config"},  # the reference forward: no training, serving, distribution, files or CLI
-    "peak": set(),  # the FLOP/s a device reaches: datasheets, a cached idle measurement
+    "peak": {"model"},  # the FLOP/s a device reaches: datasheets, a cached idle measurement (model/gemm.py)
     "cost": {"config", "peak"},  # the formulas
     "table": set(),  # tables of marked values, as text or JSON
     "cost_report": {"config", "cost", "peak", "table"},  # the formulas' tables (`nanoseek cost`)

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nanoseek import peak as peak_mod
+from nanoseek.model.gemm import onednn_product
 
 
 @pytest.fixture(autouse=True)
@@ -35,9 +36,24 @@ def measurements(monkeypatch, *values):
 
 def test_the_key_names_the_machine():
     key = peak_mod.peak_key("cpu", "fp32")
-    chip, threads, version, dtype = key.split(" | ")
+    chip, threads, version, dtype, libraries = key.split(" | ")
     assert chip and threads == f"{torch.get_num_threads()} threads" and version == f"torch {torch.__version__}"
-    assert dtype == "float32" and peak_mod.peak_key("cpu", "bf16").endswith("| bfloat16")
+    assert dtype == "float32" and peak_mod.peak_key("cpu", "bf16").endswith("| bfloat16 | torch.mm")
+    assert libraries == ("blas+onednn" if onednn_product() else "torch.mm")  # an older BLAS-only entry: a miss
+
+
+@pytest.mark.skipif(onednn_product() is None, reason="this torch has no oneDNN")
+def test_the_peak_is_the_faster_librarys(monkeypatch, cache):
+    """Both libraries are measured; the peak is the faster one's, and the report names both."""
+    rates = peak_mod.gemm_rates(sizes=(256,), repeats=1)
+    assert set(rates) == {"blas", "onednn"} and min(rates.values()) > 0
+    monkeypatch.setattr(peak_mod, "measure_at_idle", lambda device, precision: (4.3e11, {
+        "other_cores": 0.0, "thread_share": 1.0, "busy": "", "gemms": {"blas": 190.0, "onednn": 430.0}}))
+    p = peak_mod.gemm_peak("cpu")
+    assert p.flops == 4.3e11 and p.detail.endswith(", oneDNN (BLAS (torch.mm) 190 GFLOP/s)")
+    monkeypatch.setattr(peak_mod, "_PEAKS", {})
+    cached = peak_mod.gemm_peak("cpu")
+    assert cached.origin == "cached" and "oneDNN (BLAS (torch.mm) 190 GFLOP/s) in " in cached.detail
 
 
 def test_the_cache_dir_follows_the_environment(monkeypatch, tmp_path):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 
 from nanoseek.model.attention import LOG2E
+from nanoseek.model.gemm import addmm, onednn_faster
 from nanoseek.model.workspace import Workspace
 
 LN2 = 0.6931471805599453  # 1 / LOG2E
@@ -36,6 +37,7 @@ def _one(h, wf, target, ignore_index, dh, dw, buf) -> torch.Tensor:
     count = valid.sum().clamp_min(1)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
     step = min(n, _chunk_rows(V))
+    wt = wf.T.contiguous() if dh is not None and onednn_faster() else wf.T  # oneDNN's X of dh^T = W^T p: once
     # one logits buffer, reused by every chunk: fresh large allocations page-fault on every touch. The logits
     # are kept transposed, (V, c): W h^T, dW += dlogits^T h and dh = dlogits W then run as MKL's fastest
     # forms here (no transposed weight operand; 168-184 vs 135-167 GFLOP/s at V = 32768, H = 512)
@@ -43,7 +45,7 @@ def _one(h, wf, target, ignore_index, dh, dw, buf) -> torch.Tensor:
         hc, tc, vc = h[i:i + step], target[i:i + step], valid[i:i + step]
         hc, c = hc.float(), len(hc)
         logits = buf[: V * c].view(-1, c)
-        torch.addmm(logits, wf, hc.T, beta=0, alpha=LOG2E, out=logits)  # (V, c), log2(e) W h^T
+        addmm(logits, wf, hc.T, alpha=LOG2E)  # (V, c), log2(e) W h^T
         safe = tc.where(vc, 0)
         picked = logits.gather(0, safe[None, :]).squeeze(0)
         top = logits.amax(dim=0, keepdim=True)
@@ -55,8 +57,8 @@ def _one(h, wf, target, ignore_index, dh, dw, buf) -> torch.Tensor:
             p.div_(z)  # softmax
             p[safe, torch.arange(c, device=p.device)] -= 1
             p.mul_((vc / count)[None, :])
-            torch.mm(p.T, wf, out=dh[i:i + step])
-            dw.addmm_(p, hc, beta=1 if i else 0)  # beta=0: the first chunk overwrites
+            addmm(dh[i:i + step], p.T, wt.T)
+            addmm(dw, p, hc, beta=1 if i else 0)  # beta=0: the first chunk overwrites
     if dh is not None and n == 0:
         dw.zero_()
     return total / count

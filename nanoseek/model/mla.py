@@ -23,6 +23,7 @@ from torch import nn
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.attention import causal_attention
+from nanoseek.model.gemm import Linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
 
@@ -96,15 +97,15 @@ class MLA(nn.Module):
         self.scale = softmax_scale(cfg)
         H, h, dqk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
         if cfg.q_lora_rank:
-            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(H, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * dqk, bias=False)
+            self.q_b_proj = Linear(cfg.q_lora_rank, h * dqk, bias=False)
         else:
-            self.q_proj = nn.Linear(H, h * dqk, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.cache_dim, bias=False)
+            self.q_proj = Linear(H, h * dqk, bias=False)
+        self.kv_a_proj_with_mqa = Linear(H, cfg.cache_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (self.d_nope + self.d_v), bias=False)
-        self.o_proj = nn.Linear(h * self.d_v, H, bias=False)
+        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (self.d_nope + self.d_v), bias=False)
+        self.o_proj = Linear(h * self.d_v, H, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,6 +21,7 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.block import Block
+from nanoseek.model.gemm import Linear
 
 
 class MTP(Block):
@@ -31,7 +32,7 @@ class MTP(Block):
         H = cfg.hidden_size
         self.enorm = RMSNorm(H, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(H, cfg.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * H, H, bias=False)
+        self.eh_proj = Linear(2 * H, H, bias=False)
         self.shared_head = nn.ModuleDict({"norm": RMSNorm(H, cfg.rms_norm_eps)})
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, cache=None, balance_loss=True):

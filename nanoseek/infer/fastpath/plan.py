@@ -29,6 +29,7 @@ from torch import nn
 
 from nanoseek.infer.fastpath.gemv import blocked, each_rows_t, mul_wt, rows_t
 from nanoseek.infer.fastpath.ops import experts_few, rms_norm, rotate
+from nanoseek.model.gemm import Linear
 from nanoseek.model.mla import absorbed, kv_b_views
 from nanoseek.model.moe import MLP, Experts, Gate, MoE
 from nanoseek.model.norm import RMSNorm
@@ -145,7 +146,7 @@ class _Block:
         return h.add_(self.ffn(x, rows_t(x)))
 
 
-_PLAIN = (nn.Linear, RMSNorm, MLP, MoE, Gate, Experts)  # module types the plan reads (subclasses: FP8, expert parallel)
+_PLAIN = (nn.Linear, Linear, RMSNorm, MLP, MoE, Gate, Experts)  # module types the plan reads (subclasses: FP8, expert parallel)
 
 
 class Plan:

@@ -1,0 +1,149 @@
+"""fp32 GEMMs of CPU training through the faster of the two GEMM libraries torch carries.
+
+torch.mm runs the BLAS torch was built with (MKL in the x86 wheels); torch also carries oneDNN, whose matmul it
+reaches through `torch.ops.mkldnn._linear_pointwise(X, W)` = X W^T (inductor's CPU linear). Which is faster
+depends on the chip: on an AMD EPYC with AVX-512, MKL runs its AVX2 code (170-196 GFLOP/s on 2 threads) where
+oneDNN runs AVX-512 (420-440 GFLOP/s); on Intel chips the two are close (docs/LOG.md, session 13).
+`onednn_faster` measures both once per process. Where oneDNN is faster, `addmm` computes a @ b through it, in
+the orientation it runs fastest (measured at the sweep's shapes: 1.2-2.6x BLAS's rate, where the other
+orientation can fall below BLAS):
+    X = a, W = b^T            where a is row-major (oneDNN copies a strided X to row-major first),
+    a b = (b^T a)^T: X = b^T, W = a   where b^T is and a is not,
+    otherwise the larger of M, N on the W side (X = a if N >= M).
+Products of fewer than `MIN_MACS` multiply-adds stay on BLAS (oneDNN's fixed cost is ~15 us a call).
+oneDNN returns new tensors (torch exposes no `out=` for it), and glibc hands blocks above 32 MiB back to the
+kernel when freed, so each would page-fault in again (model/workspace.py): choosing oneDNN also makes glibc
+keep freed memory (`keep_freed_memory`; at v48k-h768 a step takes 1.8 s with it, 3.2 s without, 2.7 s on BLAS).
+`Linear` is nn.Linear whose product runs through `linear`: oneDNN's forward, dX = dY W and dW = dY^T X when
+training on CPU in fp32, F.linear otherwise.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIN_MACS = 1 << 22  # M N K below this: BLAS (oneDNN breaks even near 128^3 on 2 threads)
+MARGIN = 1.25  # oneDNN is used where it measures at least this much faster than BLAS (else the choice could
+# flip between processes on chips where the two are close)
+CHOICES = ("auto", "blas", "onednn")  # $NANOSEEK_CPU_GEMM
+
+
+def onednn_product():
+    """X, W -> X W^T through oneDNN, or None where this torch has no oneDNN."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+    return (lambda x, w: op(x, w, None, "none", [], "")) if torch.backends.mkldnn.is_available() else None
+
+
+_ONEDNN = onednn_product()
+_FASTER: bool | None = None
+
+
+def rates(n: int = 1024, repeats: int = 3) -> dict[str, float]:
+    """FLOP/s of an n^3 fp32 product, the best of `repeats` after a warm-up, per library: BLAS (torch.mm) and,
+    where present, oneDNN."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    products = {"blas": lambda: torch.mm(a, b)}
+    if _ONEDNN is not None:
+        products["onednn"] = lambda: _ONEDNN(a, b)
+    out = {}
+    for name, f in products.items():
+        f()
+        best = min(_timed(f) for _ in range(repeats))
+        out[name] = 2 * n**3 / best
+    return out
+
+
+def _timed(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def onednn_faster() -> bool:
+    """Whether `addmm` runs through oneDNN in this process: $NANOSEEK_CPU_GEMM (auto | blas | onednn; default
+    auto: oneDNN where `rates` measures it `MARGIN` times faster than BLAS). Decided once per process."""
+    global _FASTER
+    if _FASTER is None:
+        choice = os.environ.get("NANOSEEK_CPU_GEMM", "auto")
+        if choice not in CHOICES:
+            raise ValueError(f"NANOSEEK_CPU_GEMM={choice!r} is not one of {', '.join(CHOICES)}")
+        if choice == "auto" and _ONEDNN is not None:
+            with torch.no_grad():
+                r = rates()
+            _FASTER = r["onednn"] >= MARGIN * r["blas"]
+        else:
+            _FASTER = choice == "onednn" and _ONEDNN is not None
+        if _FASTER:
+            keep_freed_memory()
+    return _FASTER
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc keep freed memory for reuse, for the whole process: no mmap (M_MMAP_MAX = 0), no trimming
+    (M_TRIM_THRESHOLD = 2^31 - 1). False where the C library is not glibc."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(-4, 0)) and bool(libc.mallopt(-1, 2**31 - 1))
+
+
+def addmm(out: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, beta: int = 0, alpha: float = 1.0
+          ) -> torch.Tensor:
+    """beta out + alpha a b for fp32 a (M, K), b (K, N), beta 0 or 1, into `out` when given (a new tensor when
+    None): BLAS, or oneDNN where `onednn_faster` and the product is large enough (module docstring)."""
+    (M, K), N = a.shape, b.shape[1]
+    if M * N * K < MIN_MACS or a.device.type != "cpu" or not onednn_faster():
+        if out is None:
+            return torch.mm(a, b).mul_(alpha) if alpha != 1 else torch.mm(a, b)
+        return torch.addmm(out, a, b, beta=beta, alpha=alpha, out=out)
+    if alpha != 1:  # scale the smaller operand
+        a, b = (a * alpha, b) if a.numel() <= b.numel() else (a, b * alpha)
+    xa, xb = a.is_contiguous(), b.T.is_contiguous()  # oneDNN copies a non-row-major X first
+    c = _ONEDNN(a, b.T) if xa or not xb and N >= M else _ONEDNN(b.T, a).T
+    if out is None:
+        return c.contiguous()
+    return out.add_(c) if beta else out.copy_(c)
+
+
+class _Linear(torch.autograd.Function):
+    """y = x W^T, dX = dY W, dW = dY^T X, each through `addmm`."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return addmm(None, x.reshape(-1, x.shape[-1]), w.T).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy = dy.reshape(-1, dy.shape[-1])
+        dx = addmm(None, dy, w).view(x.shape) if ctx.needs_input_grad[0] else None
+        dw = addmm(None, dy.T, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        return dx, dw
+
+
+def linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, bias); through `addmm` when training on CPU in fp32 without a bias or autocast."""
+    if (bias is None and x.device.type == "cpu" and x.dtype == w.dtype == torch.float32 and torch.is_grad_enabled()
+            and (x.requires_grad or w.requires_grad) and not torch.is_autocast_enabled("cpu")
+            and x.numel() * w.shape[0] >= MIN_MACS and onednn_faster()):
+        return _Linear.apply(x, w)
+    return F.linear(x, w, bias)
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state-dict names) whose product runs through `linear`."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,139 @@
+"""model/gemm.py: oneDNN's products equal BLAS's in every orientation `addmm` picks, `linear`'s forward and
+backward equal F.linear's, small or non-training products stay on BLAS, and the library choice follows
+$NANOSEEK_CPU_GEMM or the measured rates."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.model import gemm
+from nanoseek.model.cross_entropy import linear_cross_entropy
+
+needs_onednn = pytest.mark.skipif(gemm.onednn_product() is None, reason="this torch has no oneDNN")
+
+
+@pytest.fixture
+def library(monkeypatch):
+    """Set the library `addmm` uses; count the oneDNN products."""
+    calls = []
+    real = gemm._ONEDNN
+
+    def counted(x, w):
+        calls.append((tuple(x.shape), tuple(w.shape)))
+        return real(x, w)
+    monkeypatch.setattr(gemm, "_ONEDNN", counted)
+
+    def use(onednn: bool):
+        monkeypatch.setattr(gemm, "_FASTER", onednn)
+        return calls
+    return use
+
+
+def operand(rows, cols, transposed, g):
+    """A (rows, cols) fp32 matrix, row-major or the transpose of a row-major one."""
+    return torch.randn(cols, rows, generator=g).T if transposed else torch.randn(rows, cols, generator=g)
+
+
+@needs_onednn
+@pytest.mark.parametrize("M,K,N", [(384, 96, 256), (160, 512, 96)])  # N < M and N >= M, each >= MIN_MACS
+@pytest.mark.parametrize("a_t,b_t", [(False, False), (False, True), (True, False), (True, True)])
+def test_addmm_equals_blas_in_every_orientation(library, M, K, N, a_t, b_t):
+    g = torch.Generator().manual_seed(0)
+    a, b = operand(M, K, a_t, g), operand(K, N, b_t, g)
+    ref = a.double() @ b.double()
+    calls = library(True)
+    for beta, alpha in [(0, 1.0), (1, 1.4426950408889634)]:
+        out = torch.randn(M, N, generator=g)
+        want = beta * out.double() + alpha * ref
+        got = gemm.addmm(out, a, b, beta=beta, alpha=alpha)
+        assert got is out and got.is_contiguous()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-4)
+    new = gemm.addmm(None, a, b)
+    assert new.is_contiguous() and new.shape == (M, N)
+    torch.testing.assert_close(new.double(), ref, rtol=1e-5, atol=1e-4)
+    assert len(calls) == 3
+    # the orientation: X row-major where a or b^T is, else the larger of M, N as W
+    x_rows = M if (not a_t or b_t and N >= M) else N
+    assert {c[0][0] for c in calls} == {x_rows}
+
+
+@needs_onednn
+def test_small_products_and_other_dtypes_stay_on_blas(library):
+    calls = library(True)
+    a, b = torch.randn(64, 64), torch.randn(64, 64)  # 64^3 < MIN_MACS
+    torch.testing.assert_close(gemm.addmm(None, a, b), a @ b)
+    w = torch.randn(128, 256, requires_grad=True)
+    x = torch.randn(4, 64, 256, requires_grad=True)
+    gemm.linear(x.double(), w.double())  # fp64
+    with torch.no_grad():
+        gemm.linear(x, w)  # no training
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gemm.linear(x, w).dtype == torch.bfloat16  # autocast keeps its dtype
+    assert not calls
+    library(False)
+    gemm.linear(x, w).sum().backward()  # BLAS chosen: nothing through oneDNN
+    assert not calls
+
+
+@needs_onednn
+def test_linear_forward_and_backward_equal_f_linear(library):
+    calls = library(True)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 96, 256, generator=g, requires_grad=True)
+    for w in (torch.randn(384, 256, generator=g), torch.randn(96, 256, generator=g)):  # O > I and O < I
+        w.requires_grad_(True)
+        dy = torch.randn(2, 96, w.shape[0], generator=g)
+        y = gemm.Linear(256, w.shape[0], bias=False)
+        y.weight = torch.nn.Parameter(w.detach().clone())
+        got = y(x)
+        (got * dy).sum().backward()
+        dx, dw = x.grad.clone(), y.weight.grad
+        x.grad = None
+        want = F.linear(x, w)
+        (want * dy).sum().backward()
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(dx, x.grad, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(dw, w.grad, rtol=1e-5, atol=1e-4)
+        x.grad = None
+    assert len(calls) == 6  # forward, dX, dW per weight
+
+
+@needs_onednn
+def test_the_heads_cross_entropy_through_onednn_equals_blas(library):
+    """The head's three products (logits, dh, dW; several chunks at V = 4096) through oneDNN."""
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2100, 256, generator=g)
+    w = torch.randn(4096, 256, generator=g) * 0.05
+    t = torch.randint(0, 4096, (2100,), generator=g)
+    t[::7] = -100
+    results = []
+    for onednn in (False, True):
+        calls = library(onednn)
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = linear_cross_entropy(hh, ww, t)
+        loss.backward()
+        results.append((loss, hh.grad, ww.grad))
+    assert len(calls) == 3 * 2  # two chunks (2048 and 52 rows), three products each
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_choice_follows_the_environment_and_the_rates(monkeypatch):
+    monkeypatch.setattr(gemm, "keep_freed_memory", lambda: True)
+    for env, rates, want in [("blas", None, False), ("onednn", None, gemm._ONEDNN is not None),
+                             ("auto", {"blas": 1e11, "onednn": 2.2e11}, gemm._ONEDNN is not None),
+                             ("auto", {"blas": 1e11, "onednn": 1.1e11}, False)]:
+        monkeypatch.setenv("NANOSEEK_CPU_GEMM", env)
+        monkeypatch.setattr(gemm, "_FASTER", None)
+        monkeypatch.setattr(gemm, "rates", lambda r=rates: r)
+        assert gemm.onednn_faster() is want
+    monkeypatch.setenv("NANOSEEK_CPU_GEMM", "mkl")
+    monkeypatch.setattr(gemm, "_FASTER", None)
+    with pytest.raises(ValueError, match="NANOSEEK_CPU_GEMM='mkl' is not one of auto, blas, onednn"):
+        gemm.onednn_faster()
+
+
+@needs_onednn
+def test_rates_measure_both_libraries():
+    r = gemm.rates(n=128, repeats=1)
+    assert set(r) == {"blas", "onednn"} and all(v > 0 for v in r.values())
