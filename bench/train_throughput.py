@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cost import train_flops_per_token
-from nanoseek.model.gemm import keep_freed_memory
+from nanoseek.model.gemm import keep_freed_memory, onednn_faster
 from nanoseek.peak import gemm_peak
 from nanoseek.train.loop import v3_loss
 
@@ -116,8 +116,9 @@ def peak_memory(kind: str, args) -> float:
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
 
-def interleaved(steps: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per step of each of `steps`, `reps` rounds run A B A B ... after `warmup` untimed rounds."""
+def interleaved(steps: dict, reps: int, warmup: int = 3) -> dict[str, list[float]]:
+    """Seconds per step of each of `steps`, `reps` rounds run A B A B ... after `warmup` untimed rounds (three:
+    oneDNN's first products create their kernels, and the first steps fault their memory in)."""
     times = {k: [] for k in steps}
     for i in range(warmup + reps):
         for k, step in steps.items():
@@ -209,7 +210,7 @@ def spread(xs: list[float], fmt: str = "{:,.0f}") -> str:
 def sweep(args, device, ctx, peak) -> None:
     """Every `SWEEP` shape: nanoseek vs transformers' defaults, alternating; a markdown table and the minimum."""
     print(f"sweep of {len(SWEEP)} V3 shapes{' (scaled down: --quick)' if args.quick else ''}, nanoseek vs "
-          f"transformers' defaults (grouped_mm, sdpa), AdamW, {args.steps} timed steps each after 2 warm-up")
+          f"transformers' defaults (grouped_mm, sdpa), AdamW, {args.steps} timed steps each after 3 warm-up")
     print("| shape | vocab | hidden | layers (MoE) | experts, top-k | q-LoRA | batch x seq | nanoseek tok/s "
           "| transformers tok/s | ratio | MFU nanoseek / transformers | peak MiB nanoseek / transformers |")
     print("|---|---:|---:|---|---|---|---|---:|---:|---:|---|---|")
@@ -280,7 +281,8 @@ def main():
     peak = gemm_peak(str(device), "bf16" if device.type == "cuda" else "fp32")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"device {device}, dtype {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
-          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; GEMM peak {peak}")
+          f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; GEMM peak {peak}"
+          + (f"; nanoseek's fp32 GEMMs: {'oneDNN' if onednn_faster() else 'BLAS'} (model/gemm.py)" * (device.type == "cpu")))
     if args.sweep:
         return sweep(args, device, ctx, peak)
     kinds = ["ours", "hf", "hf-eager-experts", "ours+mtp"]
