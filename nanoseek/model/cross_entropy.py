@@ -10,9 +10,9 @@ holds the full logits in memory. The FLOPs are those of the plain head + cross-e
 the gradient work is skipped.
 
 Several losses on one weight (the main head and MTP's depths share it) are one autograd node: its backward
-sums their weight gradients, dW = sum_k g_k dW_k, into one tensor. With a `Workspace` per loss the chunk buffer
-and the weight gradients reuse the same memory every step on CPU (model/workspace.py: fresh memory
-page-faults; two separate nodes would have autograd add their gradients into a fresh tensor).
+sums their weight gradients, dW = sum_k g_k dW_k, into one tensor. With a `Workspace` per loss the weight
+gradients (and the chunk buffer, on BLAS) reuse the same memory every step on CPU (model/workspace.py: fresh
+memory page-faults; two separate nodes would have autograd add their gradients into a fresh tensor).
 """
 
 from __future__ import annotations
@@ -36,16 +36,17 @@ def _one(h, wf, target, ignore_index, dh, dw, buf) -> torch.Tensor:
     valid = target != ignore_index
     count = valid.sum().clamp_min(1)
     total = torch.zeros((), dtype=torch.float32, device=h.device)
-    step = min(n, _chunk_rows(V))
-    wt = wf.T.contiguous() if dh is not None and onednn_faster() else wf.T  # oneDNN's X of dh^T = W^T p: once
-    # one logits buffer, reused by every chunk: fresh large allocations page-fault on every touch. The logits
-    # are kept transposed, (V, c): W h^T, dW += dlogits^T h and dh = dlogits W then run as MKL's fastest
-    # forms here (no transposed weight operand; 168-184 vs 135-167 GFLOP/s at V = 32768, H = 512)
+    step, rows_w = min(n, _chunk_rows(V)), max(256, (1 << 21) // wf.shape[1])  # rows_w x H: 8 MiB
+    # buf: one logits buffer, reused by every chunk (fresh large allocations page-fault on every touch), or
+    # None where the products run through oneDNN, which returns new tensors (model/gemm.py). The logits are
+    # kept transposed, (V, c): W h^T, dW += dlogits^T h and dh = dlogits W then run as MKL's fastest forms
+    # (no transposed weight operand; 168-184 vs 135-167 GFLOP/s at V = 32768, H = 512). dh and dW go by blocks
+    # of `rows_w` vocabulary rows: oneDNN's V x H product per chunk raised the peak memory by 40 MiB at
+    # v16k-h1024, and the blocks also run faster (the head at v8k 92 vs 108 ms, docs/LOG.md, session 13)
     for i in range(0, n, step):
         hc, tc, vc = h[i:i + step], target[i:i + step], valid[i:i + step]
         hc, c = hc.float(), len(hc)
-        logits = buf[: V * c].view(-1, c)
-        addmm(logits, wf, hc.T, alpha=LOG2E)  # (V, c), log2(e) W h^T
+        logits = addmm(None if buf is None else buf[: V * c].view(-1, c), wf, hc.T, alpha=LOG2E)  # log2(e) W h^T
         safe = tc.where(vc, 0)
         picked = logits.gather(0, safe[None, :]).squeeze(0)
         top = logits.amax(dim=0, keepdim=True)
@@ -57,8 +58,9 @@ def _one(h, wf, target, ignore_index, dh, dw, buf) -> torch.Tensor:
             p.div_(z)  # softmax
             p[safe, torch.arange(c, device=p.device)] -= 1
             p.mul_((vc / count)[None, :])
-            addmm(dh[i:i + step], p.T, wt.T)
-            addmm(dw, p, hc, beta=1 if i else 0)  # beta=0: the first chunk overwrites
+            for v in range(0, V, rows_w):  # beta=0: the first block (dh) or chunk (dw) overwrites
+                addmm(dh[i:i + step], p[v:v + rows_w].T, wf[v:v + rows_w], beta=1 if v else 0)
+                addmm(dw[v:v + rows_w], p[v:v + rows_w], hc, beta=1 if i else 0)
     if dh is not None and n == 0:
         dw.zero_()
     return total / count
@@ -72,9 +74,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         need_grad = any(ctx.needs_input_grad[3::2]) or ctx.needs_input_grad[0]
         wf = w.float()  # everything in fp32, whatever the autocast around (logits need the range)
         f32, rows = torch.float32, max(min(h.shape[0], _chunk_rows(w.shape[0])) for h in hs)
-        reuse = workspaces is not None and w.dtype == f32 and w.device.type == "cpu"
-        buf = (workspaces[0].scratch((w.shape[0] * rows,), f32, w.device) if reuse
-               else torch.empty(w.shape[0] * rows, dtype=f32, device=w.device))
+        cpu = w.device.type == "cpu"
+        reuse = workspaces is not None and w.dtype == f32 and cpu
+        buf = None if cpu and onednn_faster() else (workspaces[0].scratch((w.shape[0] * rows,), f32, w.device)
+                                                     if reuse else torch.empty(w.shape[0] * rows, dtype=f32,
+                                                                               device=w.device))
         losses, grads = [], []
         for k, (h, target) in enumerate(zip(hs, targets)):
             dh = dw = None
