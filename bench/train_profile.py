@@ -37,7 +37,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 from train_throughput import SWEEP, build, step_fn, sweep_shape  # noqa: E402
 
 GROUPS = {  # first match wins, on the op name
-    "GEMM": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear"),
+    "GEMM": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
+             "mkldnn::_linear_pointwise"),
     "grouped GEMM": ("aten::_grouped_mm", "aten::grouped_mm"),
     "attention": ("aten::_scaled_dot_product", "aten::scaled_dot_product", "aten::_flash_attention"),
     "optimizer": ("aten::_fused_adamw", "aten::_foreach", "Optimizer"),
@@ -96,7 +97,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="small", choices=[*sorted(SWEEP), "all"])
     ap.add_argument("--only", choices=("ours", "hf"), default=None)
-    ap.add_argument("--steps", type=int, default=2, help="profiled steps (after 2 warm-up steps)")
+    ap.add_argument("--steps", type=int, default=2, help="profiled steps (after 3 warm-up steps)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
@@ -111,7 +112,7 @@ def main() -> None:
         for kind in [args.only] if args.only else ["ours", "hf"]:
             model = build(kind, cfg, torch.device("cpu"))
             step = step_fn(model, kind == "hf", x, y, torch.autocast("cpu", enabled=False))
-            for _ in range(2):
+            for _ in range(3):
                 step()
             walls[kind] = statistics.median(timed(step) for _ in range(args.steps))
             results[kind] = profile_step(step, args.steps)
