@@ -129,17 +129,19 @@ def records(cfg):
 def test_grpo_raises_an_easy_reward(rl_cfg):
     from nanoseek.rl.loop import run_grpo
 
-    cfg = rl_cfg()
+    # 16 steps: over 20 runs (seeds 0-9, BLAS and oneDNN GEMMs, whose fp32 rounding alone sends sampling down
+    # different paths) the rise was 0.14-0.35; at 12 steps one run rose only 0.04
+    cfg = rl_cfg("steps=16")
     run_grpo(cfg, quiet=True)
     rewards = [r["reward"] for r in records(cfg)]
-    assert len(rewards) == 12
+    assert len(rewards) == 16
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
     assert all(r["frac_zero_std"] < 1 and r["entropy"] > 0 for r in records(cfg))
     # generation and update seconds beside rollout tok/s: parts of the step
     assert all(0 < r["gen_time"] and 0 < r["update_time"] and r["gen_time"] + r["update_time"] <= r["step_time"] + 0.01
                for r in records(cfg))
     samples = [json.loads(line) for line in open(f"{cfg.out_dir}/samples.jsonl")]
-    assert {s["step"] for s in samples} == {5, 10, 12} and all("completion" in s for s in samples)
+    assert {s["step"] for s in samples} == {5, 10, 15, 16} and all("completion" in s for s in samples)
 
 
 def test_grpo_resumes_exactly(rl_cfg):
