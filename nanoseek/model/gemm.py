@@ -16,6 +16,9 @@ kernel when freed, so each would page-fault in again (model/workspace.py): choos
 keep freed memory (`keep_freed_memory`; at v48k-h768 a step takes 1.8 s with it, 3.2 s without, 2.7 s on BLAS).
 `Linear` is nn.Linear whose product runs through `linear`: oneDNN's forward, dX = dY W and dW = dY^T X when
 training on CPU in fp32, F.linear otherwise.
+The routed experts' products (`grouped`, `grouped_wgrad`) run per expert: the first multiple of `ROWS` rows of
+each expert's block through oneDNN, the rest through BLAS, so that oneDNN meets the same shapes every step
+(whole steps 6-12% faster than BLAS's grouped GEMM at the sweep's shapes, docs/LOG.md, session 14).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ MIN_MACS = 1 << 22  # M N K below this: BLAS (oneDNN breaks even near 128^3 on 2
 MARGIN = 1.25  # oneDNN is used where it measures at least this much faster than BLAS (else the choice could
 # flip between processes on chips where the two are close)
 CHOICES = ("auto", "blas", "onednn")  # $NANOSEEK_CPU_GEMM
+ROWS = 64  # oneDNN runs the experts' row blocks in multiples of this (`_rows`)
 
 
 def onednn_product():
@@ -113,6 +117,47 @@ def addmm(out: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor, beta: int 
     if out is None:
         return c.contiguous()
     return out.add_(c) if beta else out.copy_(c)
+
+
+def grouped(a: torch.Tensor, w: torch.Tensor, counts: list[int], transposed: bool = True) -> torch.Tensor:
+    """Row block j of a (counts[j] rows) times w[j]^T (`transposed`) or w[j]: the experts' forward (x_j W_j^T)
+    and dX (dy_j W_j). One F.grouped_mm on BLAS; with oneDNN, per expert, `_rows` rows through oneDNN and the
+    rest through BLAS."""
+    if not (a.device.type == "cpu" and onednn_faster()):
+        return F.grouped_mm(a, w.transpose(1, 2) if transposed else w,
+                            offs=torch.tensor(counts, device=a.device).cumsum(0).to(torch.int32))
+    out = a.new_empty(a.shape[0], w.shape[1] if transposed else w.shape[2])
+    start = 0
+    for j, n in enumerate(counts):
+        m, w_j = _rows(n), w[j].T if transposed else w[j]
+        if m:
+            addmm(out[start:start + m], a[start:start + m], w_j)
+        if n > m:
+            torch.mm(a[start + m:start + n], w_j, out=out[start + m:start + n])
+        start += n
+    return out
+
+
+def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: list[int], dw: torch.Tensor) -> torch.Tensor:
+    """dw[j] = dY_j^T X_j over each expert's row block (zeros for an expert without rows), into dw (E, N, K)."""
+    start = 0
+    for j, n in enumerate(counts):
+        m = _rows(n) if dy.device.type == "cpu" and onednn_faster() else 0
+        if m:
+            addmm(dw[j], dy[start:start + m].T, x[start:start + m])
+        if n > m:
+            torch.addmm(dw[j], dy[start + m:start + n].T, x[start + m:start + n], beta=1 if m else 0, out=dw[j])
+        if n == 0:
+            dw[j].zero_()
+        start += n
+    return dw
+
+
+def _rows(n: int) -> int:
+    """The rows of an n-row expert block that go to oneDNN: a multiple of ROWS. oneDNN builds a primitive for
+    each new shape (~0.3-0.5 ms), and the experts' row counts change every step; as multiples of ROWS they
+    repeat, and oneDNN's primitive cache serves them (per expert 1.9-2.2x BLAS's rate at the sweep's shapes)."""
+    return n - n % ROWS
 
 
 class _Linear(torch.autograd.Function):

@@ -14,7 +14,8 @@ V2 gates: softmax affinities, group score = max ("group_limited_greedy") or no g
 Routed experts are stacked tensors (gate_up_proj (e, 2I, H), down_proj (e, H, I)); tokens are sorted by expert
 and each projection is one grouped GEMM (`F.grouped_mm`), with a per-expert loop only where grouped_mm has
 no kernel. Training on CPU, the weight gradients dW_j = dY_j^T X_j are written into memory reused every step
-(`GroupedLinear`, model/workspace.py). Not here: the bias update b += gamma sign(mean(c) - c) is a
+(`GroupedLinear`, model/workspace.py), and the products run per expert through oneDNN where it is the
+faster library (model/gemm.py). Not here: the bias update b += gamma sign(mean(c) - c) is a
 training-loop step.
 """
 
@@ -27,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.gemm import Linear, linear
+from nanoseek.model.gemm import Linear, grouped, grouped_wgrad, linear
 from nanoseek.model.workspace import Workspace
 
 
@@ -148,32 +149,28 @@ class GroupedLinear(torch.autograd.Function):
     """Y_j = X_j W_j^T per expert's row block j (CPU), X = x[token] (x itself when token is None). The gathered X
     is not saved: the backward gathers it again (k t H numbers less per MoE layer held from the forward to the
     backward, for one copy). Backward: dW_j = dY_j^T X_j into the workspace's gradient memory (zeros for an
-    expert without rows), then dX = dY_j W_j as one grouped GEMM, summed onto x's rows (index_add)."""
+    expert without rows), then dX = dY_j W_j, summed onto x's rows (index_add). The products run through
+    gemm.grouped and gemm.grouped_wgrad: BLAS's grouped GEMM, or oneDNN per expert where it is faster."""
 
     @staticmethod
     def forward(ctx, x, w, counts, workspace, token=None):
         ctx.save_for_backward(x, w, token)
-        ctx.param, ctx.counts, ctx.workspace = w, counts, workspace  # param: to see whether it holds a .grad
-        xs = x if token is None else x.index_select(0, token)
-        return F.grouped_mm(xs, w.transpose(1, 2), offs=counts.cumsum(0).to(torch.int32))
+        ctx.param, ctx.workspace = w, workspace  # param: to see whether it holds a .grad
+        ctx.rows = counts.tolist()
+        return grouped(x if token is None else x.index_select(0, token), w, ctx.rows)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
-        (x, w, token), counts = ctx.saved_tensors, ctx.counts
+        (x, w, token), rows = ctx.saved_tensors, ctx.rows
         dy = dy.contiguous()
         dx = dw = None
         if ctx.needs_input_grad[1]:
-            xs, dw, start = x if token is None else x.index_select(0, token), ctx.workspace.grad(ctx.param), 0
-            for j, n in enumerate(counts.tolist()):
-                if n:
-                    torch.mm(dy[start:start + n].T, xs[start:start + n], out=dw[j])
-                else:
-                    dw[j].zero_()
-                start += n
+            xs = x if token is None else x.index_select(0, token)
+            dw = grouped_wgrad(dy, xs, rows, ctx.workspace.grad(ctx.param))
             del xs  # freed before dX is made
         if ctx.needs_input_grad[0]:
-            dx = F.grouped_mm(dy, w, offs=counts.cumsum(0).to(torch.int32))
+            dx = grouped(dy, w, rows, transposed=False)
             if token is not None:
                 dx = x.new_zeros(x.shape).index_add_(0, token, dx)
         return dx, dw, None, None, None

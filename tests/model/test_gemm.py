@@ -119,6 +119,32 @@ def test_the_heads_cross_entropy_through_onednn_equals_blas(library):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@needs_onednn
+def test_the_experts_products_through_onednn_equal_blas(library):
+    """Row blocks of 0, 5, 64, 100, 200 and 131 rows: oneDNN takes the multiples of ROWS (64, 64, 192, 128),
+    BLAS the rest; the forward (x_j W_j^T), dX (dy_j W_j) and dW (dy_j^T x_j, zeros for the empty block) equal
+    BLAS's grouped GEMM and float64 products."""
+    g = torch.Generator().manual_seed(3)
+    counts = [0, 5, 64, 100, 200, 131]
+    E, K, N, T = len(counts), 256, 384, sum(counts)
+    x, dy, w = torch.randn(T, K, generator=g), torch.randn(T, N, generator=g), torch.randn(E, N, K, generator=g)
+    calls = library(True)
+    y, dx = gemm.grouped(x, w, counts), gemm.grouped(dy, w, counts, transposed=False)
+    dw = gemm.grouped_wgrad(dy, x, counts, torch.full((E, N, K), float("nan")))
+    assert sorted(c[0][0] for c in calls[:4]) == [64, 64, 128, 192]  # the forward's oneDNN rows
+    assert len(calls) == 12
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    torch.testing.assert_close(y, F.grouped_mm(x, w.transpose(1, 2), offs=offs), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(dx, F.grouped_mm(dy, w, offs=offs), rtol=1e-5, atol=1e-4)
+    starts = [0, *offs.tolist()]
+    for j in range(E):
+        rows = slice(starts[j], starts[j + 1])
+        torch.testing.assert_close(dw[j].double(), dy[rows].double().T @ x[rows].double(), rtol=1e-5, atol=1e-4)
+    library(False)
+    torch.testing.assert_close(gemm.grouped(x, w, counts), y, rtol=1e-5, atol=1e-4)
+    assert len(calls) == 12  # BLAS: no oneDNN product
+
+
 def test_the_choice_follows_the_environment_and_the_rates(monkeypatch):
     monkeypatch.setattr(gemm, "keep_freed_memory", lambda: True)
     for env, rates, want in [("blas", None, False), ("onednn", None, gemm._ONEDNN is not None),
