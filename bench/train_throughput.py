@@ -169,7 +169,8 @@ def sweep_shape(name: str, quick: bool = False) -> tuple[ModelConfig, int, int]:
 
 
 EXPERT_MATH = ("aten::mm", "aten::_grouped_mm", "aten::grouped_mm", "aten::addmm", "aten::silu",
-               "aten::silu_backward", "aten::mul", "aten::linear", "aten::matmul", "aten::t")
+               "aten::silu_backward", "aten::mul", "aten::linear", "aten::matmul", "aten::t",
+               "mkldnn::_linear_pointwise")  # the products through oneDNN (model/gemm.py)
 
 
 def routing_share(cfg: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
