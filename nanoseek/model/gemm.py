@@ -123,7 +123,7 @@ def grouped(a: torch.Tensor, w: torch.Tensor, counts: list[int], transposed: boo
     """Row block j of a (counts[j] rows) times w[j]^T (`transposed`) or w[j]: the experts' forward (x_j W_j^T)
     and dX (dy_j W_j). One F.grouped_mm on BLAS; with oneDNN, per expert, `_rows` rows through oneDNN and the
     rest through BLAS."""
-    if not (a.device.type == "cpu" and onednn_faster()):
+    if not _per_expert(a):
         return F.grouped_mm(a, w.transpose(1, 2) if transposed else w,
                             offs=torch.tensor(counts, device=a.device).cumsum(0).to(torch.int32))
     out = a.new_empty(a.shape[0], w.shape[1] if transposed else w.shape[2])
@@ -142,7 +142,7 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: list[int], dw: torc
     """dw[j] = dY_j^T X_j over each expert's row block (zeros for an expert without rows), into dw (E, N, K)."""
     start = 0
     for j, n in enumerate(counts):
-        m = _rows(n) if dy.device.type == "cpu" and onednn_faster() else 0
+        m = _rows(n) if _per_expert(dy) else 0
         if m:
             addmm(dw[j], dy[start:start + m].T, x[start:start + m])
         if n > m:
@@ -151,6 +151,11 @@ def grouped_wgrad(dy: torch.Tensor, x: torch.Tensor, counts: list[int], dw: torc
             dw[j].zero_()
         start += n
     return dw
+
+
+def _per_expert(t: torch.Tensor) -> bool:
+    """Whether the experts' products of fp32 CPU tensors like t run per expert through oneDNN."""
+    return t.device.type == "cpu" and t.dtype == torch.float32 and onednn_faster()
 
 
 def _rows(n: int) -> int:
