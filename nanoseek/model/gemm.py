@@ -18,7 +18,8 @@ keep freed memory (`keep_freed_memory`; at v48k-h768 a step takes 1.8 s with it,
 training on CPU in fp32, F.linear otherwise.
 The routed experts' products (`grouped`, `grouped_wgrad`) run per expert: the first multiple of `ROWS` rows of
 each expert's block through oneDNN, the rest through BLAS, so that oneDNN meets the same shapes every step
-(whole steps 6-12% faster than BLAS's grouped GEMM at the sweep's shapes, docs/LOG.md, session 14).
+(whole steps 6-12% faster than BLAS's grouped GEMM at the sweep's shapes, docs/LOG.md, session 14); `Linear`
+does the same where its row count is not a multiple of `ROWS` (variable lengths, as in GRPO's micro-batches).
 """
 
 from __future__ import annotations
@@ -166,20 +167,29 @@ def _rows(n: int) -> int:
 
 
 class _Linear(torch.autograd.Function):
-    """y = x W^T, dX = dY W, dW = dY^T X, each through `addmm`."""
+    """y = x W^T, dX = dY W, dW = dY^T X through `addmm`; where the row count T is not a multiple of `ROWS`
+    (variable lengths: GRPO's micro-batches), as one expert's block (`grouped`), so that oneDNN meets
+    repeating shapes there too."""
 
     @staticmethod
     def forward(ctx, x, w):
         ctx.save_for_backward(x, w)
-        return addmm(None, x.reshape(-1, x.shape[-1]), w.T).view(*x.shape[:-1], w.shape[0])
+        x2 = x.reshape(-1, x.shape[-1])
+        T = x2.shape[0]
+        y = addmm(None, x2, w.T) if _rows(T) == T else grouped(x2, w[None], [T])
+        return y.view(*x.shape[:-1], w.shape[0])
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
         x, w = ctx.saved_tensors
-        dy = dy.reshape(-1, dy.shape[-1])
-        dx = addmm(None, dy, w).view(x.shape) if ctx.needs_input_grad[0] else None
-        dw = addmm(None, dy.T, x.reshape(-1, x.shape[-1])) if ctx.needs_input_grad[1] else None
+        dy, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        T = x2.shape[0]
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = (addmm(None, dy, w) if _rows(T) == T else grouped(dy, w[None], [T], transposed=False)).view(x.shape)
+        if ctx.needs_input_grad[1]:
+            dw = addmm(None, dy.T, x2) if _rows(T) == T else grouped_wgrad(dy, x2, [T], w.new_empty(1, *w.shape))[0]
         return dx, dw
 
 
