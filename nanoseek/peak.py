@@ -44,48 +44,18 @@ GPUS: dict[str, GPU] = {
 }
 
 
-def gemm_rates(dtype=None, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3, device=None
-               ) -> dict[str, float]:
-    """Matmul FLOP/s of `device` (default cpu) per GEMM library: the max over `repeats` timed runs of an n^3
-    product for each n in `sizes`, counting 2 n^3 FLOPs, after one untimed warm-up per size (perf-notes
-    section 3). On a CPU in fp32 both libraries torch carries: BLAS (torch.mm) and oneDNN (model/gemm.py: on
-    some chips twice BLAS's rate); elsewhere torch.mm. dtype defaults to what the device trains in: float32 on
-    CPU, bfloat16 on CUDA."""
-    import torch
-
-    from nanoseek.model.gemm import onednn_product
-
-    device = torch.device(device or "cpu")
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    products = {"blas": torch.mm}
-    if device.type == "cpu" and dtype == torch.float32 and onednn_product() is not None:
-        products["onednn"] = onednn_product()  # X W^T: the same 2 n^3 FLOPs
-    best = dict.fromkeys(products, 0.0)
-    with torch.inference_mode():
-        for n in sizes:
-            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-            for name, product in products.items():
-                product(a, b)
-                sync()
-                for _ in range(repeats):
-                    t0 = time.perf_counter()
-                    product(a, b)
-                    sync()
-                    best[name] = max(best[name], 2 * n**3 / (time.perf_counter() - t0))
-    return best
-
-
 def measure_gemm_peak(dtype=None, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3, device=None) -> float:
-    """Peak matmul FLOP/s: the fastest library's rate (`gemm_rates`)."""
-    return max(gemm_rates(dtype, sizes, repeats, device).values())
+    """Peak matmul FLOP/s: the fastest library's rate (model/gemm.py `rates`)."""
+    from nanoseek.model.gemm import rates
+
+    return max(rates(sizes, repeats, dtype, device).values())
 
 
 # ---------------------------------------------------------------------- the peak MFU is measured against
 BUSY_CORES = 0.25  # a measurement is under load when other processes use more cores than this (bench/hostload.py)
 MIN_SHARE = 0.75  # or when the measuring thread runs less than this share of the wall time (cores oversubscribed)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # precision -> the dtype a peak is measured in
-LIBRARIES = {"blas": "BLAS (torch.mm)", "onednn": "oneDNN"}  # gemm_rates' keys
+LIBRARIES = {"blas": "BLAS (torch.mm)", "onednn": "oneDNN"}  # model/gemm.py `rates`' keys
 
 
 class Peak(NamedTuple):
@@ -117,7 +87,7 @@ def peak_cache_path() -> Path:
 
 def peak_key(device: str, precision: str) -> str:
     """What a measured peak belongs to: the chip (/proc/cpuinfo's model name, or the GPU's), torch's threads and
-    version, the dtype, the GEMM libraries measured (`gemm_rates`). E.g. "AMD EPYC | 2 threads | torch
+    version, the dtype, the GEMM libraries measured (model/gemm.py `rates`). E.g. "AMD EPYC | 2 threads | torch
     2.13.0+cpu | float32 | blas+onednn"."""
     import platform
 
@@ -168,16 +138,18 @@ def _busy_s() -> float:
 
 
 def measure_at_idle(device: str = "cpu", precision: str = "fp32", repeats: int = 10) -> tuple[float, dict]:
-    """A GEMM peak (`gemm_rates`' best, 2048^3 on CPU, max of `repeats`) and the load during it: "other_cores"
-    (cores other processes kept busy: /proc/stat minus this process), "thread_share" (the measuring thread's CPU
+    """A GEMM peak (model/gemm.py `rates`' best, 2048^3 on CPU, max of `repeats`) and the load during it:
+    "other_cores" (cores other processes kept busy: /proc/stat minus this process), "thread_share" (the measuring thread's CPU
     time / wall time: below 1 when the cores are oversubscribed, by this process's own threads too), and
     "busy": why the measurement cannot stand for the machine ("" when clean; GPUs are not checked), "gemms":
     each library's GFLOP/s."""
     import torch
 
+    from nanoseek.model import gemm
+
     cuda, own = torch.device(device).type == "cuda", lambda: sum(os.times()[:2])
     b0, o0, c0, t0 = _busy_s(), own(), time.thread_time(), time.perf_counter()
-    rates = gemm_rates(getattr(torch, DTYPES.get(precision, "bfloat16")), (8192,) if cuda else (2048,), repeats,
+    rates = gemm.rates((8192,) if cuda else (2048,), repeats, getattr(torch, DTYPES.get(precision, "bfloat16")),
                        device)
     wall = max(time.perf_counter() - t0, 1e-9)
     other, share = max(0.0, _busy_s() - b0 - (own() - o0)) / wall, (time.thread_time() - c0) / wall

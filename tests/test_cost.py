@@ -7,6 +7,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import nanoseek.model.moe as moe_module
+from nanoseek.model import gemm
 from nanoseek.model.mla import MLA
 from nanoseek import ModelConfig, Transformer, cost, peak
 from nanoseek.cli import main
@@ -178,9 +179,9 @@ def test_gpu_table():
 
 def test_measure_gemm_peak_counts_2n3_flops_per_timed_product(monkeypatch):
     """With a clock that advances 0.25 s per reading, every timed product takes 0.25 s: the peak is 2 n^3 / 0.25
-    for the largest n (the warm-up product is not timed)."""
+    for the largest n (the warm-up products are not timed)."""
     ticks = iter(range(10_000))
-    monkeypatch.setattr(peak.time, "perf_counter", lambda: next(ticks) * 0.25)
+    monkeypatch.setattr(gemm.time, "perf_counter", lambda: next(ticks) * 0.25)
     assert peak.measure_gemm_peak(sizes=(64, 128), repeats=2) == 2 * 128**3 / 0.25
 
 

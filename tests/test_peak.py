@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from nanoseek import peak as peak_mod
+from nanoseek.model import gemm
 from nanoseek.model.gemm import onednn_product
 
 
@@ -45,7 +46,7 @@ def test_the_key_names_the_machine():
 @pytest.mark.skipif(onednn_product() is None, reason="this torch has no oneDNN")
 def test_the_peak_is_the_faster_librarys(monkeypatch, cache):
     """Both libraries are measured; the peak is the faster one's, and the report names both."""
-    rates = peak_mod.gemm_rates(sizes=(256,), repeats=1)
+    rates = gemm.rates(sizes=(256,), repeats=1)
     assert set(rates) == {"blas", "onednn"} and min(rates.values()) > 0
     monkeypatch.setattr(peak_mod, "measure_at_idle", lambda device, precision: (4.3e11, {
         "other_cores": 0.0, "thread_share": 1.0, "busy": "", "gemms": {"blas": 190.0, "onednn": 430.0}}))

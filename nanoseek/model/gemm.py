@@ -2,8 +2,9 @@
 
 torch.mm runs the BLAS torch was built with (MKL in the x86 wheels); torch also carries oneDNN, whose matmul it
 reaches through `torch.ops.mkldnn._linear_pointwise(X, W)` = X W^T (inductor's CPU linear). Which is faster
-depends on the chip: on an AMD EPYC with AVX-512, MKL runs its AVX2 code (170-196 GFLOP/s on 2 threads) where
-oneDNN runs AVX-512 (420-440 GFLOP/s); on Intel chips the two are close (docs/LOG.md, session 13).
+depends on the chip: on an AMD EPYC whose AVX-512 is full width (Zen 5), MKL runs its AVX2 code (170-196
+GFLOP/s on 2 threads) where oneDNN runs AVX-512 (420-440 GFLOP/s); where AVX-512 is double-pumped 256-bit
+(Zen 4) the two are close (MKL 150-195, oneDNN 195-215), as on Intel chips (docs/LOG.md, sessions 13 and 15).
 `onednn_faster` measures both once per process. Where oneDNN is faster, `addmm` computes a @ b through it, in
 the orientation it runs fastest (measured at the sweep's shapes: 1.2-2.6x BLAS's rate, where the other
 orientation can fall below BLAS):
@@ -33,8 +34,9 @@ import torch.nn.functional as F
 from torch import nn
 
 MIN_MACS = 1 << 22  # M N K below this: BLAS (oneDNN breaks even near 128^3 on 2 threads)
-MARGIN = 1.25  # oneDNN is used where it measures at least this much faster than BLAS (else the choice could
-# flip between processes on chips where the two are close)
+MARGIN = 1.5  # oneDNN is used where it measures at least this much faster than BLAS: on an AMD EPYC with
+# AVX-512 at half width (Zen 4), oneDNN's n^3 products ran 1.1-1.3x BLAS's and whole steps tied (0.98x), so a
+# lower margin only made the choice flip between processes (docs/LOG.md, session 15); a full-width one ran 2.2x
 CHOICES = ("auto", "blas", "onednn")  # $NANOSEEK_CPU_GEMM
 ROWS = 64  # oneDNN runs the experts' row blocks in multiples of this (`_rows`)
 
@@ -52,25 +54,33 @@ _ONEDNN = onednn_product()
 _FASTER: bool | None = None
 
 
-def rates(n: int = 1024, repeats: int = 3) -> dict[str, float]:
-    """FLOP/s of an n^3 fp32 product, the best of `repeats` after a warm-up, per library: BLAS (torch.mm) and,
-    where present, oneDNN."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    products = {"blas": lambda: torch.mm(a, b)}
-    if _ONEDNN is not None:
-        products["onednn"] = lambda: _ONEDNN(a, b)
-    out = {}
-    for name, f in products.items():
-        f()
-        best = min(_timed(f) for _ in range(repeats))
-        out[name] = 2 * n**3 / best
-    return out
-
-
-def _timed(f) -> float:
-    t0 = time.perf_counter()
-    f()
-    return time.perf_counter() - t0
+def rates(sizes: tuple[int, ...] = (1024,), repeats: int = 5, dtype=None, device=None) -> dict[str, float]:
+    """Matmul FLOP/s per GEMM library on `device` (default cpu): the best of `repeats` timed n^3 products for
+    each n in `sizes` (2 n^3 FLOPs each). On a CPU in fp32 both libraries torch carries, BLAS (torch.mm) and,
+    where present, oneDNN; elsewhere torch.mm. dtype: float32 on CPU, bfloat16 on CUDA unless given. The
+    libraries take turns within each round, after two untimed runs each: measured in a burst of its own, the
+    first library read 10-40% low on a shared host (thread wake-up, page faults), enough to flip the choice
+    of `onednn_faster` between processes (docs/LOG.md, session 15)."""
+    device = torch.device(device or "cpu")
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    products = {"blas": torch.mm}
+    if device.type == "cpu" and dtype == torch.float32 and _ONEDNN is not None:
+        products["onednn"] = _ONEDNN  # X W^T: the same 2 n^3 FLOPs
+    best = dict.fromkeys(products, 0.0)
+    with torch.inference_mode():
+        for n in sizes:
+            a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+            for product in [*products.values()] * 2:
+                product(a, b)
+            sync()
+            for _ in range(repeats):
+                for name, product in products.items():
+                    t0 = time.perf_counter()
+                    product(a, b)
+                    sync()
+                    best[name] = max(best[name], 2 * n**3 / (time.perf_counter() - t0))
+    return best
 
 
 def onednn_faster() -> bool:
@@ -82,8 +92,7 @@ def onednn_faster() -> bool:
         if choice not in CHOICES:
             raise ValueError(f"NANOSEEK_CPU_GEMM={choice!r} is not one of {', '.join(CHOICES)}")
         if choice == "auto" and _ONEDNN is not None:
-            with torch.no_grad():
-                r = rates()
+            r = rates(repeats=10)
             _FASTER = r["onednn"] >= MARGIN * r["blas"]
         else:
             _FASTER = choice == "onednn" and _ONEDNN is not None

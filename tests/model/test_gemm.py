@@ -154,7 +154,7 @@ def test_the_choice_follows_the_environment_and_the_rates(monkeypatch):
                              ("auto", {"blas": 1e11, "onednn": 1.1e11}, False)]:
         monkeypatch.setenv("NANOSEEK_CPU_GEMM", env)
         monkeypatch.setattr(gemm, "_FASTER", None)
-        monkeypatch.setattr(gemm, "rates", lambda r=rates: r)
+        monkeypatch.setattr(gemm, "rates", lambda r=rates, **_: r)
         assert gemm.onednn_faster() is want
     monkeypatch.setenv("NANOSEEK_CPU_GEMM", "mkl")
     monkeypatch.setattr(gemm, "_FASTER", None)
@@ -164,5 +164,5 @@ def test_the_choice_follows_the_environment_and_the_rates(monkeypatch):
 
 @needs_onednn
 def test_rates_measure_both_libraries():
-    r = gemm.rates(n=128, repeats=1)
+    r = gemm.rates(sizes=(128,), repeats=1)
     assert set(r) == {"blas", "onednn"} and all(v > 0 for v in r.values())
