@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cost import train_flops_per_token
 from nanoseek.model.gemm import keep_freed_memory, onednn_faster
-from nanoseek.peak import gemm_peak
+from nanoseek.peak import chip, gemm_peak
 from nanoseek.train.loop import v3_loss
 
 
@@ -281,7 +281,7 @@ def main():
 
     peak = gemm_peak(str(device), "bf16" if device.type == "cuda" else "fp32")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
-          f"device {device}, dtype {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
+          f"device {device} ({chip(str(device))}), dtype {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; GEMM peak {peak}"
           + (f"; nanoseek's fp32 GEMMs: {'oneDNN' if onednn_faster() else 'BLAS'} (model/gemm.py)" * (device.type == "cpu")))
     if args.sweep:

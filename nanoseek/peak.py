@@ -1,6 +1,6 @@
 """The peak FLOP/s MFU is measured against (perf-notes section 3): GPUs' dense tensor-core peaks from their
 datasheets (`GPUS`, no 2:4 sparsity); on a CPU, the best GEMM measurement taken at idle, through the faster of
-the two GEMM libraries torch carries (BLAS and oneDNN: model/gemm.py), cached per machine (CPU model, threads,
+the two GEMM libraries torch carries (BLAS and oneDNN: model/gemm.py), cached per machine (CPU model and family, threads,
 torch version, dtype, libraries) in the user's cache directory (`gemm_peak`). A measurement taken
 while the cores are busy never enters the cache, and a run's peak is never below its own throughput
 (`honest_peak`: MFU <= 1; a stale peak is re-measured, with a warning).
@@ -85,25 +85,46 @@ def peak_cache_path() -> Path:
                 "peak.json")
 
 
-def peak_key(device: str, precision: str) -> str:
-    """What a measured peak belongs to: the chip (/proc/cpuinfo's model name, or the GPU's), torch's threads and
-    version, the dtype, the GEMM libraries measured (model/gemm.py `rates`). E.g. "AMD EPYC | 2 threads | torch
-    2.13.0+cpu | float32 | blas+onednn"."""
+def cpu_name(cpuinfo: str) -> str:
+    """The first processor of a /proc/cpuinfo text: its model name, with its family and model numbers where
+    given ("AMD EPYC (family 25, model 17)"). Virtual machines may show a bare "AMD EPYC" for chips as
+    different as Zen 4 (family 25: oneDNN ~200 GFLOP/s on 2 threads) and Zen 5 (family 26: ~430)."""
+    fields = {}
+    for line in cpuinfo.split("\n\n")[0].splitlines():
+        name, _, value = line.partition(":")
+        fields.setdefault(name.strip(), value.strip())
+    numbers = ", ".join(f"{label} {fields[k]}" for label, k in (("family", "cpu family"), ("model", "model"))
+                        if fields.get(k))
+    return fields.get("model name", "") + (f" ({numbers})" if numbers else "")
+
+
+def chip(device: str = "cpu") -> str:
+    """The device's name: the GPU's, or the CPU's (`cpu_name` of /proc/cpuinfo, else what platform knows)."""
     import platform
 
     import torch
 
+    if torch.device(device).type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        cpu = cpu_name(open("/proc/cpuinfo").read())
+    except OSError:
+        cpu = ""
+    return cpu or platform.processor() or platform.machine()
+
+
+def peak_key(device: str, precision: str) -> str:
+    """What a measured peak belongs to: the `chip`, torch's threads and version, the dtype, the GEMM libraries
+    measured (model/gemm.py `rates`). E.g. "AMD EPYC (family 25, model 17) | 2 threads | torch 2.13.0+cpu |
+    float32 | blas+onednn"."""
+    import torch
+
     from nanoseek.model.gemm import onednn_product
 
-    try:
-        cpu = [x.split(":", 1)[1].strip() for x in open("/proc/cpuinfo") if x.startswith("model name")][:1]
-    except OSError:
-        cpu = []
-    chip = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "".join(cpu)
     dtype = DTYPES.get(precision, precision)
     libraries = "blas+onednn" if torch.device(device).type == "cpu" and dtype == "float32" and onednn_product() \
         else "torch.mm"
-    return f"{chip or platform.processor() or platform.machine()} | {torch.get_num_threads()} threads | " \
+    return f"{chip(device)} | {torch.get_num_threads()} threads | " \
            f"torch {torch.__version__} | {dtype} | {libraries}"
 
 

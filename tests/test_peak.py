@@ -35,6 +35,16 @@ def measurements(monkeypatch, *values):
     return calls
 
 
+def test_the_chip_is_named_with_its_family_and_model():
+    """Two hosts whose model name is a bare "AMD EPYC" (Zen 4 and Zen 5, twice apart in fp32 rate) get two keys."""
+    zen = "processor\t: {0}\nvendor_id\t: AuthenticAMD\ncpu family\t: {1}\nmodel\t\t: {2}\nmodel name\t: AMD EPYC\n"
+    zen4 = "\n".join(zen.format(i, 25, 17) for i in range(2))
+    assert peak_mod.cpu_name(zen4) == "AMD EPYC (family 25, model 17)"
+    assert peak_mod.cpu_name(zen.format(0, 26, 2)) == "AMD EPYC (family 26, model 2)"
+    assert peak_mod.cpu_name("processor\t: 0\nmodel name\t: Some CPU\n") == "Some CPU"
+    assert peak_mod.cpu_name("") == ""
+
+
 def test_the_key_names_the_machine():
     key = peak_mod.peak_key("cpu", "fp32")
     chip, threads, version, dtype, libraries = key.split(" | ")
