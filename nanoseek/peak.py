@@ -1,7 +1,7 @@
 """The peak FLOP/s MFU is measured against (perf-notes section 3): GPUs' dense tensor-core peaks from their
 datasheets (`GPUS`, no 2:4 sparsity); on a CPU, the best GEMM measurement taken at idle, through the faster of
-the two GEMM libraries torch carries (BLAS and oneDNN: model/gemm.py), cached per machine (CPU model and family, threads,
-torch version, dtype, libraries) in the user's cache directory (`gemm_peak`). A measurement taken
+the two GEMM libraries torch carries (BLAS and oneDNN: model/gemm.py), cached per machine (CPU model and family,
+threads, torch version, dtype, libraries) in the user's cache directory (`gemm_peak`). A measurement taken
 while the cores are busy never enters the cache, and a run's peak is never below its own throughput
 (`honest_peak`: MFU <= 1; a stale peak is re-measured, with a warning).
 """
@@ -160,8 +160,9 @@ def _busy_s() -> float:
 
 def measure_at_idle(device: str = "cpu", precision: str = "fp32", repeats: int = 10) -> tuple[float, dict]:
     """A GEMM peak (model/gemm.py `rates`' best, 2048^3 on CPU, max of `repeats`) and the load during it:
-    "other_cores" (cores other processes kept busy: /proc/stat minus this process), "thread_share" (the measuring thread's CPU
-    time / wall time: below 1 when the cores are oversubscribed, by this process's own threads too), and
+    "other_cores" (cores other processes kept busy: /proc/stat minus this process), "thread_share" (the
+    measuring thread's CPU time / wall time: below 1 when the cores are oversubscribed, by this process's own
+    threads too), and
     "busy": why the measurement cannot stand for the machine ("" when clean; GPUs are not checked), "gemms":
     each library's GFLOP/s."""
     import torch

@@ -58,9 +58,8 @@ def rates(sizes: tuple[int, ...] = (1024,), repeats: int = 5, dtype=None, device
     """Matmul FLOP/s per GEMM library on `device` (default cpu): the best of `repeats` timed n^3 products for
     each n in `sizes` (2 n^3 FLOPs each). On a CPU in fp32 both libraries torch carries, BLAS (torch.mm) and,
     where present, oneDNN; elsewhere torch.mm. dtype: float32 on CPU, bfloat16 on CUDA unless given. The
-    libraries take turns within each round, after two untimed runs each: measured in a burst of its own, the
-    first library read 10-40% low on a shared host (thread wake-up, page faults), enough to flip the choice
-    of `onednn_faster` between processes (docs/LOG.md, session 15)."""
+    libraries take turns within each round, after two untimed runs each, so that a slow minute of a shared host
+    slows both (MKL's rate still varies between processes, 100-195 GFLOP/s on a Zen 4: hence `MARGIN`)."""
     device = torch.device(device or "cpu")
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
