@@ -3,7 +3,8 @@
     loss = mean_n [logsumexp(h_n W^T) - (h_n W^T)_{y_n}]      over targets y_n != ignore_index
     dL/dlogits = (softmax - onehot(y)) / N,   dh = dlogits W,   dW = dlogits^T h
 
-The rows are processed in chunks that fit in cache; the logits are scaled by log2(e) in their GEMM and the
+The rows are processed in chunks of `MIN_ROWS` rows, or of 2^23 logits where the vocabulary is small
+enough for those to hold more rows; the logits are scaled by log2(e) in their GEMM and the
 softmax taken in base 2 (exp2 runs ~3.5x faster than exp on CPU: model/attention.py); the gradients are
 computed in the same pass (as in Liger's fused linear cross-entropy) and handed to autograd, so training never
 holds the full logits in memory. The FLOPs are those of the plain head + cross-entropy (forward and backward). Without autograd
@@ -26,8 +27,14 @@ from nanoseek.model.workspace import Workspace
 LN2 = 0.6931471805599453  # 1 / LOG2E
 
 
+MIN_ROWS = 512  # the chunk's rows are the logits product's N and dW's K: with 128-170 of them (2^23 logits at
+# V = 48k-64k) whole steps ran 1.11-1.14x slower on a Zen 4 (docs/LOG.md, session 16). The buffer is then V x 512
+# fp32 (2 KiB per vocabulary row); 1024 rows gained no more, and with oneDNN at v16k-h1024
+# brought the peak to within 25 MiB of transformers'
+
+
 def _chunk_rows(vocab: int) -> int:
-    return max(16, (1 << 23) // vocab)  # about 32 MiB of fp32 logits per chunk (64 MiB: no faster, docs/LOG.md)
+    return max(MIN_ROWS, (1 << 23) // vocab)
 
 
 def _one(h, wf, target, ignore_index, dh, dw, buf) -> torch.Tensor:
