@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from nanoseek import ModelConfig, Transformer
 from nanoseek.cost import train_flops_per_token
-from nanoseek.model.gemm import keep_freed_memory, onednn_faster
+from nanoseek.model.gemm import keep_freed_memory, onednn_faster, rates
 from nanoseek.peak import chip, gemm_peak
 from nanoseek.train.loop import v3_loss
 
@@ -284,6 +284,8 @@ def main():
           f"device {device} ({chip(str(device))}), dtype {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; GEMM peak {peak}"
           + (f"; nanoseek's fp32 GEMMs: {'oneDNN' if onednn_faster() else 'BLAS'} (model/gemm.py)" * (device.type == "cpu")))
+    if device.type == "cpu":  # MKL's rate differs between processes on some hosts (docs/LOG.md, sessions 15-16)
+        print("this process's 1024^3 GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates().items()))
     if args.sweep:
         return sweep(args, device, ctx, peak)
     kinds = ["ours", "hf", "hf-eager-experts", "ours+mtp"]
