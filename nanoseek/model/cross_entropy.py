@@ -27,10 +27,10 @@ from nanoseek.model.workspace import Workspace
 LN2 = 0.6931471805599453  # 1 / LOG2E
 
 
-MIN_ROWS = 512  # the chunk's rows are the logits product's N and dW's K: with 128-170 of them (2^23 logits at
-# V = 48k-64k) whole steps ran 1.11-1.14x slower on a Zen 4 (docs/LOG.md, session 16). The buffer is then V x 512
-# fp32 (2 KiB per vocabulary row); 1024 rows gained no more, and with oneDNN at v16k-h1024
-# brought the peak to within 25 MiB of transformers'
+MIN_ROWS = 512  # a chunk's rows are the logits product's N and dW's K: with 128-170 of them (2^23 logits at
+# V = 48k-64k) whole steps ran 1.06-1.14x slower on a Zen 4 (docs/LOG.md, session 16). The buffer is then at most
+# V x 512 fp32, never more than the (rows, V) logits of a plain head; 1024 rows gained no more, and with oneDNN at
+# v16k-h1024 brought the peak to within 25 MiB of transformers'
 
 
 def _chunk_rows(vocab: int) -> int:
