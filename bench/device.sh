@@ -31,7 +31,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
     | tee -a "$OUT/summary.txt"
 part gpu-tests 240 $PY -m pytest -q -m gpu -p no:cacheprovider tests/train/test_gpu.py tests/infer/test_gpu.py \
-    tests/model/test_fp8.py tests/dist/test_nccl.py
+    tests/model/test_fp8.py tests/parallel/test_nccl.py
 part train-small 90 $PY bench/train_throughput.py --device cuda --preset small --batch 8 --seq 512 --steps 6 \
     --no-memory
 part train-sweep 120 $PY bench/train_throughput.py --device cuda --sweep --no-memory

@@ -1,5 +1,5 @@
 """Memory per GPU of a training job at data-parallel degree D (GPUs, each with its own data) and
-expert-parallel degree P (`nanoseek plan`), for the layout of nanoseek/dist/parallel.py:
+expert-parallel degree P (`nanoseek plan`), for the layout of nanoseek/parallel/parallelize.py:
 
     every weight is sharded over all D GPUs: dense ones by FSDP over D, the routed experts E/P per GPU
     and FSDP over the D/P GPUs that hold the same experts, so the persistent state per GPU is N/D:

@@ -1,5 +1,5 @@
 """The run directory's checkpoints: their layout, atomic writing and checked reading (safetensors and JSON
-only), shared by the single-process writer (train/checkpoint.py), the distributed one (dist/checkpoint.py)
+only), shared by the single-process writer (train/checkpoint.py), the distributed one (parallel/checkpoint.py)
 and every loader.
 
     RUN/checkpoints/step_000100/    one complete checkpoint, written in .tmp-step_000100/, fsynced, renamed
@@ -93,7 +93,7 @@ def publish(tmp: Path, final: Path, keep_last: int) -> Path:
 
 def read_state(path: Path) -> dict:
     """state.json of a complete checkpoint: single-process (FILES) or distributed (DIST_FILES, see
-    nanoseek/dist/checkpoint.py)."""
+    nanoseek/parallel/checkpoint.py)."""
     for f in DIST_FILES if (path / "dcp").is_dir() else FILES:
         if not (path / f).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {f} is missing")

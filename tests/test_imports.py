@@ -22,9 +22,9 @@ ALLOWED = {
     "cost_report": {"config", "cost", "peak", "table"},  # the formulas' tables (`nanoseek cost`)
     "plan": {"config", "cost", "peak", "table"},
     "hf": {"config", "data", "model", "runs"},  # model folders in and out
-    "dist": {"config", "model", "runs"},  # applied to a plain model from outside
+    "parallel": {"config", "model", "runs"},  # applied to a plain model from outside
     "infer": {"config", "data", "hf", "model"},  # serving knows no training, RL or distribution
-    "train": {"config", "cost", "data", "dist", "hf", "model", "peak", "report", "runs", "runtime"},
+    "train": {"config", "cost", "data", "hf", "parallel", "model", "peak", "report", "runs", "runtime"},
     "rl": {"config", "cost", "data", "hf", "infer", "model", "peak", "report", "runs", "runtime", "train"},
     "demo": {"config", "cost", "hf", "report", "rl", "runs", "train"},
     "cli": None,  # the top: anything

@@ -12,7 +12,7 @@ import sys
 
 from nanoseek.cli import build, infer, train  # noqa: F401  (each registers its commands)
 from nanoseek.cli.registry import COMMANDS
-from nanoseek.dist import DistError
+from nanoseek.parallel import DistError
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,7 +5,7 @@
         optimizer.safetensors   AdamW moments and step counts, keyed "<param name>.<state>"
         state.json              step, data-loader position, RNG states, optimizer hyperparameters, config
     RUN/checkpoints/latest      name of the newest complete checkpoint (the layout: nanoseek/runs.py)
-A distributed run writes dcp/ (sharded model and optimizer) instead of optimizer.safetensors (nanoseek/dist).
+A distributed run writes dcp/ (sharded model and optimizer) instead of optimizer.safetensors (nanoseek/parallel).
 
 A checkpoint is written into a temporary directory, fsynced, then renamed into place, and `latest` is
 replaced atomically after it (runs.py): a kill at any moment leaves the previous checkpoint intact.

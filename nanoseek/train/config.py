@@ -126,7 +126,7 @@ class TrainConfig:
     keep_last: int = 2
     time_limit: float = 0.0  # seconds of training after which the run ends early (0 = none)
     price_per_hour: float = 2.0  # dollars per device-hour, for report.md
-    # under torchrun (nanoseek/dist): batch_size is the global batch, split over the ranks
+    # under torchrun (nanoseek/parallel): batch_size is the global batch, split over the ranks
     ep: int = 1  # expert-parallel degree: routed experts split over groups of ep ranks (1 = off)
     dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks before the job stops
 

@@ -6,7 +6,7 @@ Per optimizer step (paper sections 2.1.2, 2.2, 4.2):
     b_i <- b_i + gamma * sign(mean(c) - c_i)                                    (the bias is not a parameter)
 Logged per step: loss terms, lr, grad norm, tokens/s, MFU, expert load MaxVio = max(c) / mean(c) - 1.
 Left out: V3's batch-size ramp, FIM, document masking (V3 packs documents without cross-document masks too).
-Under torchrun the same loop runs data and expert parallel (nanoseek/dist): batch_size is the global batch,
+Under torchrun the same loop runs data and expert parallel (nanoseek/parallel): batch_size is the global batch,
 each rank reads its slice, token counts for the bias update are summed over all ranks, and rank 0 logs.
 """
 
@@ -32,8 +32,8 @@ from nanoseek.data.builtin import ensure_builtin_data, get_mix
 from nanoseek.data.loader import TokenLoader
 from nanoseek.data.shards import ShardSet
 from nanoseek.data.tokenizer import Tokenizer
-from nanoseek.dist import checkpoint as dist_checkpoint
-from nanoseek.dist.parallel import (Parallel, all_reduce_mean, clip_grad_norm, close,
+from nanoseek.parallel import checkpoint as dist_checkpoint
+from nanoseek.parallel.parallelize import (Parallel, all_reduce_mean, clip_grad_norm, close,
                                     collective_failure, failed_collective, init_parallel, launched,
                                     loss_weights, parallelize)
 from nanoseek.hf import load_pretrained, locate

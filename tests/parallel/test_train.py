@@ -12,13 +12,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from nanoseek.dist import checkpoint as dist_checkpoint
+from nanoseek.parallel import checkpoint as dist_checkpoint
 from nanoseek.hf import export, load_pretrained
 from nanoseek.model import Transformer
 from nanoseek.train.config import load_train_config
 from nanoseek.train.loop import resolve_data, train
 from nanoseek.train.optim import build_optimizer
-from tests.dist.conftest import check, spawn
+from tests.parallel.conftest import check, spawn
 
 pytestmark = pytest.mark.dist
 

@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from nanoseek.dist import DistError
-from nanoseek.dist.parallel import init_parallel
+from nanoseek.parallel import DistError
+from nanoseek.parallel.parallelize import init_parallel
 from nanoseek.train.config import load_train_config
-from tests.dist.conftest import spawn
+from tests.parallel.conftest import spawn
 
 pytestmark = pytest.mark.dist
 

@@ -29,8 +29,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
-from nanoseek.dist import DistError
-from nanoseek.dist.ep import apply_expert_parallel
+from nanoseek.parallel import DistError
+from nanoseek.parallel.ep import apply_expert_parallel
 from nanoseek.model.mtp import mtp_targets
 
 

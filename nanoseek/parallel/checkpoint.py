@@ -8,7 +8,7 @@
                     generate and init= read: a distributed run's checkpoint is used like any other)
         state.json          step, data position (global), RNG, config, AdamW hyperparameters, the layout
 
-Routed experts are held by rank blocks of E/ep (nanoseek/dist/ep.py), each FSDP-sharded over its dp group;
+Routed experts are held by rank blocks of E/ep (nanoseek/parallel/ep.py), each FSDP-sharded over its dp group;
 they are saved as views of the whole (E, ...) tensor on an (ep, dp) mesh, so a checkpoint does not depend
 on the layout that wrote it: it loads at another world size or ep, and into one process (no process group,
 `load` with par=None), where every key is a plain tensor. A single-process checkpoint (safetensors) loads
@@ -29,8 +29,8 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from nanoseek.dist.ep import ExpertParallel
-from nanoseek.dist.parallel import Parallel
+from nanoseek.parallel.ep import ExpertParallel
+from nanoseek.parallel.parallelize import Parallel
 from nanoseek.runs import (CheckpointError, load_tensors, param_groups, param_names, publish, read_state, staging,
                            write_synced)
 

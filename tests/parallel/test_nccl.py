@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from nanoseek.train.loop import resolve_data, train
-from tests.dist.conftest import check, spawn
-from tests.dist.test_train import config
+from tests.parallel.conftest import check, spawn
+from tests.parallel.test_train import config
 
 pytestmark = [pytest.mark.dist, pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from nanoseek.config import ModelConfig
 from nanoseek.model.moe import MoE
-from tests.dist.conftest import check, spawn
+from tests.parallel.conftest import check, spawn
 
 pytestmark = pytest.mark.dist
 
@@ -43,7 +43,7 @@ def ep_rank(rank, world, out_dir):
 
 
 def ep_forward_backward(rank, out_dir, skewed):
-    from nanoseek.dist.ep import apply_expert_parallel
+    from nanoseek.parallel.ep import apply_expert_parallel
 
     moe = layer(skewed)
     holder = torch.nn.Module()
