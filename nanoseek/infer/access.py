@@ -6,7 +6,8 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
-from fastapi import Request
+from fastapi import Depends
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException
 
 from nanoseek.infer.metrics import Metrics
@@ -17,11 +18,13 @@ ENDPOINTS = ("/", "/health", "/metrics", "/v1/models", "/v1/chat/completions", "
 
 
 def require_key(key: str):
-    """A dependency that answers 401 unless the request carries `Authorization: Bearer <key>`."""
-    expected = f"Bearer {key}".encode()
+    """A dependency that answers 401 unless the request carries `Authorization: Bearer <key>`; through FastAPI's
+    HTTPBearer, so the schema documents the scheme."""
+    expected = key.encode()
+    bearer = HTTPBearer(auto_error=False, description="the server's --api-key")
 
-    async def check(request: Request) -> None:
-        if not hmac.compare_digest(request.headers.get("authorization", "").encode(), expected):
+    async def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected):
             raise APIError(401, "missing or wrong API key: send the header `Authorization: Bearer <key>`",
                            code="invalid_api_key")
     return check

@@ -196,13 +196,14 @@ class Completions:
 
     async def _chat_prompt(self, messages: list[Message]) -> list[int]:
         if messages[-1].role != "user":
-            raise APIError(400, f"the last message must be the user's, got {messages[-1].role!r}", param="messages")
+            raise APIError(400, f"the last message must be the user's, got {messages[-1].role!r}", param="messages",
+                           code="invalid_conversation")
         plain = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in messages]
         self._too_long(sum(len(m["content"].encode()) for m in plain), "messages")
         try:
             return await self._off_loop(self.tok.apply_chat, plain)
-        except ValueError as e:
-            raise APIError(400, str(e), param="messages") from None
+        except ValueError as e:  # the template's own refusal
+            raise APIError(400, str(e), param="messages", code="invalid_conversation") from None
 
     async def _text_prompts(self, body: CompletionBody) -> list[list[int]]:
         """Token ids of each prompt: text gets the training documents' BOS (unless it starts with it), ids are
@@ -241,8 +242,6 @@ class Completions:
 
     # ------------------------------------------------------------------ tokenizer endpoints
     async def tokenize(self, body: TokenizeBody) -> dict:
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "send exactly one of prompt and messages", param="prompt")
         if body.messages is not None:
             ids = await self._chat_prompt(body.messages)
         else:

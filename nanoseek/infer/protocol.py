@@ -6,8 +6,11 @@ OpenAI clients send many; parameters nanoseek cannot honour (`tools`, `response_
 silently dropped. Chat `content` may be a string or a list of `{"type": "text", "text": ...}` parts (joined
 with newlines, as vLLM does); a `developer` message is a `system` message. A completions `prompt` may be a
 string, a list of strings, a list of token ids (used verbatim, no BOS added) or a list of such lists.
-Where the schema can say what is served (the neutral values of refused parameters, text parts only, content
-required but for assistant turns), it does, so schema-driven clients and fuzzers send what is served.
+Bodies are strict (no "2" for 2, no 0 for false) and the schema states what is served (the neutral values of
+refused parameters, text parts only, content required but for assistant turns, the rules between fields, the
+vocabulary's bounds): a body is accepted iff it is schema-valid, but for what JSON Schema cannot state, the
+context length (400 `context_length_exceeded`) and the conversation's order (400 `invalid_conversation`).
+Every error is answered in OpenAI's shape (ErrorBody) with the status the schema documents.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Annotated, Literal
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from starlette.exceptions import HTTPException
 
 Stop = Annotated[str, Field(min_length=1)]  # a stop string
@@ -43,8 +46,64 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "invalid_request_error"),
                           "param": self.param, "code": self.code}}
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status)
+    def response(self, headers: dict | None = None) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: Literal["invalid_request_error", "authentication_error", "not_found_error", "timeout_error",
+                  "rate_limit_error", "server_error"]
+    param: str | None
+    code: str | None
+
+
+class ErrorBody(BaseModel):
+    """What every error answers: APIError.body()."""
+    error: ErrorDetail
+
+
+WHY = {400: "An invalid body or parameter; also a prompt over the context (`context_length_exceeded`) or a "
+            "conversation the chat template refuses (`invalid_conversation`)",
+       401: "No `Authorization: Bearer <key>` with the server's API key", 404: "The model is not the one served",
+       408: "The request did not finish within the server's request_timeout",
+       413: "The body exceeds the server's max_body_bytes",
+       429: "max_concurrent requests are in flight; retry shortly",
+       503: "The server is shutting down, or its engine has stopped"}
+
+
+def errors(*statuses: int) -> dict:
+    """FastAPI `responses=` documenting these error statuses, each with ErrorBody."""
+    return {s: {"model": ErrorBody, "description": WHY[s]} for s in statuses}
+
+
+BOUNDS = {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}
+
+
+def conform(schema: dict, vocabulary: dict[str, int]) -> dict:
+    """FastAPI's OpenAPI schema as served: without its 422 (invalid bodies get 400, documented by `errors`), and
+    token ids (marked `x-vocabulary: model|tokenizer`) bounded by `vocabulary[...]`, integral bounds exact
+    integers; modified in place."""
+    for item in schema["paths"].values():
+        for operation in item.values():
+            operation["responses"].pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+
+    def bound(node):
+        if isinstance(node, dict):
+            if (which := node.pop("x-vocabulary", None)) is not None:
+                node["maximum"] = vocabulary[which] - 1
+            for key in BOUNDS & node.keys():  # FastAPI writes bounds as floats: 2**63's neighbours would blur
+                if isinstance(node[key], float) and node[key].is_integer():
+                    node[key] = int(node[key])
+            for value in node.values():
+                bound(value)
+        elif isinstance(node, list):
+            for value in node:
+                bound(value)
+    bound(schema)
+    return schema
 
 
 def _validation_error(e: RequestValidationError) -> APIError:
@@ -72,8 +131,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return _validation_error(e).response()
 
     @app.exception_handler(HTTPException)
-    async def http_error(_, e: HTTPException):  # unknown path (404), wrong method (405), body too large (413)
-        return APIError(e.status_code, str(e.detail)).response()
+    async def http_error(_, e: HTTPException):  # unknown path (404), wrong method (405, with Allow), body too large
+        return APIError(e.status_code, str(e.detail)).response(e.headers)
 
     @app.exception_handler(Exception)
     async def server_error(_, e: Exception):  # a bug: logged, answered in OpenAI's shape
@@ -86,12 +145,37 @@ def unsupported(field: str, why: str) -> APIError:
 
 
 # ---------------------------------------------------------------------- bodies
-class TextPart(BaseModel):
+TOKEN_ID = {"type": "integer", "minimum": 0, "x-vocabulary": "model"}  # conform() sets its maximum
+
+
+def _unless(field: str, neutral: dict, then: dict, required: tuple = ()) -> dict:
+    """A rule between fields: `field` is absent or matches `neutral`, or the body matches `then`."""
+    return {"anyOf": [{"properties": {field: neutral}}, {"properties": then, "required": list(required)}]}
+
+
+def _integral(value):
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**bounds):
+    """JSON Schema's integer within `bounds` (Field's ge, lt, ...): 2 and 2.0, not "2" nor true. The bounds come
+    before the validator, or pydantic's schema would write them as `ge`, not `minimum`."""
+    return Annotated[int, Field(**bounds), BeforeValidator(_integral)]
+
+
+Int = integer()
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(strict=True)  # integers are `integer(...)`
+
+
+class TextPart(Body):
     type: Literal["text"]  # image, audio and file parts are refused (the model reads text only)
     text: str
 
 
-class _Message(BaseModel):
+class _Message(Body):
     def text(self) -> str:
         """The content as one string: text parts joined with newlines."""
         if self.content is None:
@@ -110,21 +194,23 @@ class AssistantMessage(_Message):
 
 
 Message = Annotated[PromptMessage | AssistantMessage, Field(discriminator="role")]
+CONVERSATION = "a conversation the chat template accepts, ending with the user's turn (else 400 invalid_conversation)"
+FITS = "prompt + max_tokens must fit the context (else 400 context_length_exceeded)"
 
 
-class StreamOptions(BaseModel):
+class StreamOptions(Body):
     include_usage: bool = False
 
 
-class CompletionParams(BaseModel):
+class CompletionParams(Body):
     """Fields shared by chat and text completions."""
     model: str
-    n: int = Field(1, ge=1, le=8)
+    n: integer(ge=1, le=8) = 1
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = Field(None, ge=-INT64, lt=INT64)
+    top_k: integer(ge=0) = 0
+    max_tokens: integer(ge=1) | None = Field(None, description=FITS)
+    seed: integer(ge=-INT64, lt=INT64) | None = None
     stop: Stop | list[Stop] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -161,10 +247,12 @@ class CompletionParams(BaseModel):
 
 
 class ChatBody(CompletionParams):
-    messages: list[Message] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(None, ge=1)  # OpenAI's newer name for max_tokens; wins over it
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _unless("top_logprobs", {"type": "null"}, {"logprobs": {"const": True}}, ("logprobs",))]})
+    messages: list[Message] = Field(min_length=1, description=CONVERSATION)
+    max_completion_tokens: integer(ge=1) | None = None  # OpenAI's newer name for max_tokens; wins over it
     logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    top_logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -182,12 +270,22 @@ class ChatBody(CompletionParams):
 
 
 class CompletionBody(CompletionParams):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(None, ge=0)  # 0 with echo: the prompt's log-probs only (OpenAI's legacy use)
-    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    model_config = ConfigDict(json_schema_extra={"allOf": [
+        _unless("max_tokens", {"not": {"const": 0}}, {"echo": {"const": True}}, ("echo",)),
+        {"anyOf": [{"properties": {"best_of": {"type": "null"}}},  # best_of = n (n is 1 unless given)
+                   {"properties": {"best_of": {"const": 1}, "n": {"const": 1}}},
+                   *({"properties": {"best_of": {"const": k}, "n": {"const": k}}, "required": ["best_of", "n"]}
+                     for k in range(2, 9))]}]})
+    prompt: str | list[str] | list[Int] | list[list[Int]] = Field(json_schema_extra={"anyOf": [
+        {"type": "string"}, {"type": "array", "items": {"type": "string"}, "minItems": 1},
+        {"type": "array", "items": TOKEN_ID, "minItems": 1},
+        {"type": "array", "items": {"type": "array", "items": TOKEN_ID, "minItems": 1}, "minItems": 1}]})
+    # 0 with echo: the prompt's log-probs only (OpenAI's legacy use)
+    max_tokens: integer(ge=0) | None = Field(None, description=FITS)
+    logprobs: integer(ge=0, le=MAX_LOGPROBS) | None = None
     echo: bool = False
-    suffix: str | None = None
-    best_of: int | None = Field(None, ge=1, le=8)
+    suffix: str | None = Field(None, json_schema_extra={"anyOf": [{"const": ""}, {"type": "null"}]})
+    best_of: integer(ge=1, le=8) | None = None
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
@@ -219,14 +317,24 @@ class CompletionBody(CompletionParams):
         return list(p)
 
 
-class TokenizeBody(BaseModel):
-    """vLLM's /tokenize (what lm-evaluation-harness's remote tokenizer calls): text, or chat messages."""
-    prompt: str | None = None
-    messages: list[Message] | None = Field(None, min_length=1)
+class TokenizeBody(Body):
+    """vLLM's /tokenize (what lm-evaluation-harness's remote tokenizer calls): exactly one of `prompt` (text)
+    and `messages` (a chat), neither null."""
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["prompt"]}, {"required": ["messages"]}]})
+    prompt: str = Field(None, json_schema_extra=lambda s: s.pop("default"))  # type: ignore[assignment]
+    messages: list[Message] = Field(None, min_length=1, description=CONVERSATION,  # type: ignore[assignment]
+                                    json_schema_extra=lambda s: s.pop("default"))
     add_special_tokens: bool = True
     model: str | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _exactly_one(cls, data):
+        if isinstance(data, dict) and ("prompt" in data) == ("messages" in data):
+            raise ValueError("send exactly one of prompt and messages")
+        return data
 
-class DetokenizeBody(BaseModel):
-    tokens: list[int]
+
+class DetokenizeBody(Body):
+    tokens: list[Int] = Field(json_schema_extra={"items": {**TOKEN_ID, "x-vocabulary": "tokenizer"}})
     model: str | None = None

@@ -6,10 +6,15 @@ Log-probs are the model's own (engine.Logprob) for every generated token but a s
 request (it is not part of the text either); with `echo`, the prompt's tokens come first, the first of them
 without a log-prob (None), as in OpenAI's legacy completions. Chat: `{"content": [{token, logprob, bytes,
 top_logprobs: [...]}]}`; completions: `{tokens, token_logprobs, top_logprobs: [{token: logprob}],
-text_offset}`.
+text_offset}`. The models at the end document these shapes in the OpenAPI schema (the server builds dicts).
 """
 
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+from pydantic.json_schema import models_json_schema
 
 from nanoseek.infer.engine import Logprob
 from nanoseek.infer.engine import Request as EngineRequest
@@ -131,3 +136,164 @@ def usage(prompts: list[list[int]], choices: list[Choice]) -> dict:
     prompt = sum(len(p) for p in prompts)
     completion = sum(0 if c.prompt_only else len(c.request.tokens) for c in choices)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+# ---------------------------------------------------------------------- the shapes, for the OpenAPI schema
+Finish = Literal["stop", "length"]  # an error or abort mid-stream is an ErrorBody event instead
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class TextLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]  # None: the echoed prompt's first token
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class _Head(BaseModel):
+    id: str
+    created: int
+    model: str
+
+
+class ChatMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+    reasoning_content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Finish
+
+
+class ChatCompletion(_Head):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(BaseModel):  # each key only when it has something
+    role: Literal["assistant"] = "assistant"
+    content: str = ""
+    reasoning_content: str = ""
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: Finish | None
+
+
+class ChatCompletionChunk(_Head):
+    object: Literal["chat.completion.chunk"]
+    choices: list[ChatChunkChoice]  # none in the last chunk, with include_usage
+    usage: Usage | None = None
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: TextLogprobs | None
+    finish_reason: Finish
+
+
+class TextCompletion(_Head):
+    object: Literal["text_completion"]
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class TextChunkChoice(TextChoice):
+    finish_reason: Finish | None
+
+
+class TextCompletionChunk(_Head):
+    object: Literal["text_completion"]
+    choices: list[TextChunkChoice]
+    usage: Usage | None = None
+
+
+def event_stream(chunk: type[BaseModel], error: type[BaseModel]) -> dict:
+    """The text/event-stream content of a streamed 200 (OpenAPI 3.2's `itemSchema`, one server-sent event):
+    `data:` holds a `chunk` or an `error` as JSON, or is `[DONE]` (the last event)."""
+    ref = "#/components/schemas/{}".format
+    data = {"type": "string", "contentMediaType": "application/json",
+            "contentSchema": {"anyOf": [{"$ref": ref(chunk.__name__)}, {"$ref": ref(error.__name__)}]}}
+    return {"text/event-stream": {"itemSchema": {"type": "object", "required": ["data"], "properties": {
+        "data": {"if": {"const": "[DONE]"}, "else": data}}}}}
+
+
+def stream_components(*models: type[BaseModel]) -> dict:
+    """The component schemas of `models` and of what they hold, for event_stream's references."""
+    _, defs = models_json_schema([(m, "serialization") for m in models], ref_template="#/components/schemas/{model}")
+    return defs["$defs"]
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: Literal["ok", "draining", "dead"]  # 200 when ok, else 503
+    model: str
+    engine_alive: bool
+    seconds_since_step: float
+    running: int
+    queued: int
+    in_flight: int
+    steps: int
+    prefill_tokens: int
+    tokens: int
+    drafted: int
+    accepted: int
+    acceptance_rate: float
+
+
+class Tokenized(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+
+
+class Detokenized(BaseModel):
+    prompt: str
+
+
+class TokenizerInfo(BaseModel):  # and the tokenizer's special tokens (bos_token, eos_token, ...)
+    tokenizer_class: str
+    pad_token: str | None
+    chat_template: str | None
+    model_max_length: int
+    vocab_size: int

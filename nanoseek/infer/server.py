@@ -16,6 +16,8 @@ Every request ends in bounded time, with a response or an OpenAI error:
   cancelled within `DISCONNECT_POLL` seconds, a streamed one at once;
 - on SIGTERM/SIGINT new requests get 503, those in flight have `shutdown_grace` seconds to finish, then end
   with a 503 (an error event when streamed), and the process exits 0.
+The OpenAPI schema (GET /openapi.json) documents each of these statuses where it can occur, every body, and
+the streamed events; an undeclared method gets 405 with `Allow`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,11 @@ from nanoseek.infer.access import Gate, exposure_warning, require_key
 from nanoseek.infer.completions import Completions, ServeConfig
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.metrics import Metrics
-from nanoseek.infer.protocol import ChatBody, CompletionBody, DetokenizeBody, TokenizeBody, install_error_handlers
+from nanoseek.infer.protocol import (ChatBody, CompletionBody, DetokenizeBody, ErrorBody, TokenizeBody, conform,
+                                     errors, install_error_handlers)
+from nanoseek.infer.responses import (ChatCompletion, ChatCompletionChunk, Detokenized, Health, ModelList,
+                                      TextCompletion, TextCompletionChunk, Tokenized, TokenizerInfo, event_stream,
+                                      stream_components)
 from nanoseek.infer.worker import EngineThread
 
 if TYPE_CHECKING:
@@ -81,12 +87,23 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str) -> FastAPI:
     app.add_middleware(Gate, limit=cfg.max_body_bytes, metrics=metrics)
     install_error_handlers(app)
     auth = [Depends(require_key(cfg.api_key))] if cfg.api_key else []
+    keyed = (401,) if cfg.api_key else ()
+    generating = (400, *keyed, 404, 408, 413, 429, 503)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:  # FastAPI.openapi builds and caches it; conform finishes it in place
+            schema = conform(FastAPI.openapi(app), {"model": engine.model.config.vocab_size,
+                                                    "tokenizer": tokenizer.vocab_size})
+            schema["components"]["schemas"].update(stream_components(ChatCompletionChunk, TextCompletionChunk,
+                                                                     ErrorBody))
+        return app.openapi_schema
+    app.openapi = openapi
 
     @app.get("/", include_in_schema=False)
     async def chat_page():
         return FileResponse(STATIC / "index.html")
 
-    @app.get("/health")
+    @app.get("/health", responses={200: {"model": Health}, 503: {"model": Health, "description": "Not ok"}})
     async def health():
         status = "dead" if not worker.alive else "draining" if completions.draining else "ok"
         body = {"status": status, "model": name, "engine_alive": worker.alive,
@@ -99,28 +116,31 @@ def create_app(model, tokenizer, cfg: ServeConfig, name: str) -> FastAPI:
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    @app.get("/v1/models", dependencies=auth)
+    @app.get("/v1/models", dependencies=auth, responses={200: {"model": ModelList}, **errors(*keyed)})
     async def models():
         return {"object": "list", "data": [{"id": name, "object": "model", "created": created,
                                             "owned_by": "nanoseek", "max_model_len": engine.max_len}]}
 
-    @app.post("/v1/chat/completions", dependencies=auth)
+    @app.post("/v1/chat/completions", dependencies=auth, responses={
+        200: {"model": ChatCompletion, "content": event_stream(ChatCompletionChunk, ErrorBody)}, **errors(*generating)})
     async def chat_completions(body: ChatBody, request: Request):
         return await completions.respond(body, request)
 
-    @app.post("/v1/completions", dependencies=auth)
+    @app.post("/v1/completions", dependencies=auth, responses={
+        200: {"model": TextCompletion, "content": event_stream(TextCompletionChunk, ErrorBody)}, **errors(*generating)})
     async def text_completions(body: CompletionBody, request: Request):
         return await completions.respond(body, request)
 
-    @app.post("/tokenize", dependencies=auth)
+    @app.post("/tokenize", dependencies=auth, responses={200: {"model": Tokenized}, **errors(400, *keyed, 413)})
     async def tokenize(body: TokenizeBody):
         return await completions.tokenize(body)
 
-    @app.post("/detokenize", dependencies=auth)
+    @app.post("/detokenize", dependencies=auth, responses={200: {"model": Detokenized},
+                                                           **errors(400, *keyed, 413)})
     async def detokenize(body: DetokenizeBody):
         return await completions.detokenize(body)
 
-    @app.get("/tokenizer_info", dependencies=auth)
+    @app.get("/tokenizer_info", dependencies=auth, responses={200: {"model": TokenizerInfo}, **errors(*keyed)})
     async def tokenizer_info():
         return {"tokenizer_class": "nanoseek", "pad_token": None, **tokenizer.special_tokens,
                 "chat_template": tokenizer.template.source, "model_max_length": engine.max_len,
