@@ -8,7 +8,7 @@ dequantize, fp32 GEMM); on CUDA also bf16 autocast and fp8 under bf16 autocast (
 A third fp32 run starts from the initial weights rounded to bf16 (a 2^-9 relative nudge): how far two
 runs drift apart from a tiny perturbation alone, the noise floor of this comparison.
 Prints each run's final train loss (mean of the last 10 steps' next-token loss), validation loss and median
-step time, and the relative differences to the high-precision run. V3 (paper App. B.1) reports < 0.25%
+step time, and the relative differences to the high-precision run. V3 (DeepSeek-V3 report App. B.1) reports < 0.25%
 relative loss error for 16B / 230B models over ~1T tokens; minutes of a 10M-parameter model at a high
 learning rate are a far shorter and noisier comparison.
 """

@@ -24,6 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
+from nanoseek import kernels  # noqa: E402
 from nanoseek.hf import load_pretrained  # noqa: E402
 from nanoseek.infer.engine import Engine  # noqa: E402
 from nanoseek.rl.grpo import group_advantages  # noqa: E402
@@ -46,6 +47,8 @@ def main() -> None:
     cfg = load_grpo_config(args.config, [*args.overrides, f"init={args.init}"])
     pre = load_pretrained(cfg.init, dtype=torch.float32)
     model, tok = pre.model, pre.tokenizer
+    kernels.start_process(cfg.kernels)  # as `nanoseek rl`: glibc keeps freed memory, the kernels applied
+    kernels.apply(model, cfg.kernels)
     model.mtp.requires_grad_(False)
     optimizer = build_optimizer(model, cfg.optim)
     rewards = Rewards({"accuracy": cfg.accuracy_weight, "format": cfg.format_weight}, [])

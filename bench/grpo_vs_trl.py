@@ -42,6 +42,7 @@ from nanoseek.hf import export  # noqa: E402
 from nanoseek.peak import gemm_peak  # noqa: E402
 from nanoseek.rl.evaluate import prompt_ids  # noqa: E402
 from nanoseek.rl.grpo import GRPOConfig  # noqa: E402
+from nanoseek import kernels  # noqa: E402
 from nanoseek.rl.loop import load_grpo_config, run_grpo, sample_problems  # noqa: E402
 from nanoseek.rl.rewards import Rewards  # noqa: E402
 from nanoseek.train.optim import build_optimizer, lr_at  # noqa: E402
@@ -267,6 +268,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_intermixed_args()
     torch.set_num_threads(args.threads)
+    print(kernels.start_process(kernels.Settings()) or "glibc's allocator as it was")  # as `nanoseek rl` does
     warnings.filterwarnings("ignore", category=FutureWarning)  # transformers' renames, not ours to fix
     init = Path(args.init or ROOT / SETTINGS[args.setting][1])
     if not init.exists():

@@ -36,6 +36,8 @@ from torch.profiler import ProfilerActivity, profile  # noqa: E402
 
 from train_throughput import SWEEP, build, step_fn, sweep_shape  # noqa: E402
 
+from nanoseek import kernels  # noqa: E402
+
 GROUPS = {  # first match wins, on the op name
     "GEMM": ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
              "mkldnn::_linear_pointwise"),
@@ -102,6 +104,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    settings = kernels.resolve(kernels.Settings())  # as `nanoseek train`: its kernels, glibc keeping freed memory
+    kernels.start_process(settings)
     bounds = {}
     for shape in list(SWEEP) if args.shape == "all" else [args.shape]:
         cfg, batch, seq = sweep_shape(shape)
@@ -110,7 +114,7 @@ def main() -> None:
         y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
         results, walls = {}, {}
         for kind in [args.only] if args.only else ["ours", "hf"]:
-            model = build(kind, cfg, torch.device("cpu"))
+            model = build(kind, cfg, torch.device("cpu"), settings)
             step = step_fn(model, kind == "hf", x, y, torch.autocast("cpu", enabled=False))
             for _ in range(3):
                 step()

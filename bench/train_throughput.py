@@ -3,7 +3,7 @@
     python bench/train_throughput.py --preset small --batch 8 --seq 512 --steps 6
     python bench/train_throughput.py --sweep              # the V3 shapes of `SWEEP` against transformers
     python bench/train_throughput.py --sweep --quick      # smoke run: the shapes scaled down, 2 timed steps
-    flags: --device cuda, --threads N, --no-memory, --keep-freed-memory
+    flags: --device cuda, --threads N, --no-memory, --gemm auto|blas|onednn, --no-keep-freed-memory
 
 Both run one AdamW step per iteration on the same random tokens (fp32 on CPU, bf16 autocast on CUDA),
 interleaved A B A B so machine drift hits both; the median step time after warm-up is reported.
@@ -12,10 +12,10 @@ and with per-expert loops (experts_implementation="eager"). MTP is off (transfor
 nanoseek row "+MTP" shows the cost of the V3 MTP module on top. MFU uses `nanoseek.cost`'s formula and
 its GEMM peak (`gemm_peak`: the machine's best clean measurement, cached; the datasheet's on a GPU).
 Peak memory is measured per framework in a fresh subprocess (VmHWM; on a GPU max_memory_allocated).
-`--threads N` sets the torch thread count; `--keep-freed-memory` makes glibc reuse freed pages (no mmap,
-no trim) for the whole process, so for both frameworks (docs/LOG.md: page faults in training). nanoseek's
-first oneDNN product does the same where it picks oneDNN over BLAS (model/gemm.py), so then both frameworks
-step with it after the first step; in the memory subprocesses only nanoseek's does.
+`--threads N` sets the torch thread count. nanoseek runs as `nanoseek train` does: its kernels applied
+(`kernels.apply`, the GEMM library from `--gemm`, resolved once and passed to the memory subprocesses), and
+glibc set to keep freed memory at start-up (`kernels.keep_freed_memory`, as the training commands do; for the
+whole process, so for transformers too; `--no-keep-freed-memory` leaves glibc as it is).
 `--sweep` runs every shape of `SWEEP` (vocab 4k-64k, hidden 256-1024, 8-64 routed experts with top-k 2-8,
 sequence 256-1024, with and without q-LoRA, one dense-only) against transformers' defaults only, and
 prints per shape the tok/s of each (median, min-max over repeats), their ratio per repeat (median, min-max),
@@ -37,9 +37,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from nanoseek import ModelConfig, Transformer
+from nanoseek import ModelConfig, Transformer, kernels
 from nanoseek.cost import train_flops_per_token
-from nanoseek.model.gemm import keep_freed_memory, onednn_faster, rates
+from nanoseek.kernels.gemm import rates
 from nanoseek.peak import chip, gemm_peak
 from nanoseek.train.loop import v3_loss
 
@@ -83,12 +83,13 @@ def step_fn(model, is_hf: bool, x, y, ctx):
     return step
 
 
-def build(kind: str, cfg: ModelConfig, device):
+def build(kind: str, cfg: ModelConfig, device, settings: kernels.Settings):
     torch.manual_seed(0)
     mtp = kind == "ours+mtp"
     ours = Transformer(cfg.replace(num_nextn_predict_layers=1 if mtp else 0)).to(device).train()
     if kind.startswith("hf"):
         return make_hf(cfg, "grouped_mm" if kind == "hf" else "eager", ours.cpu()).to(device)
+    kernels.apply(ours, settings)
     return ours
 
 
@@ -111,7 +112,8 @@ def peak_memory(kind: str, args) -> float:
     shape = ["--shape", args.shape] + ["--quick"] * args.quick if args.shape else \
         ["--preset", args.preset, "--batch", str(args.batch), "--seq", str(args.seq)]
     argv = [*shape, "--steps", "3", "--only", kind, "--device", args.device]
-    argv += ["--threads", str(args.threads)] * bool(args.threads) + ["--keep-freed-memory"] * args.keep_freed_memory
+    argv += ["--threads", str(args.threads)] * bool(args.threads) + ["--gemm", args.settings.gemm]
+    argv += ["--no-keep-freed-memory"] * (not args.settings.keep_freed_memory)
     out = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_mib"]
 
@@ -170,10 +172,10 @@ def sweep_shape(name: str, quick: bool = False) -> tuple[ModelConfig, int, int]:
 
 EXPERT_MATH = ("aten::mm", "aten::_grouped_mm", "aten::grouped_mm", "aten::addmm", "aten::silu",
                "aten::silu_backward", "aten::mul", "aten::linear", "aten::matmul", "aten::t",
-               "mkldnn::_linear_pointwise")  # the products through oneDNN (model/gemm.py)
+               "mkldnn::_linear_pointwise")  # the products through oneDNN (kernels/gemm.py)
 
 
-def routing_share(cfg: ModelConfig, batch: int, seq: int) -> tuple[float, float]:
+def routing_share(cfg: ModelConfig, batch: int, seq: int, settings: kernels.Settings) -> tuple[float, float]:
     """One MoE layer, forward + backward, under the profiler: (share of its self CPU time outside the expert
     and shared-expert matmuls and their SwiGLU, i.e. router + sort/permute + gather/scatter + balance stats,
     the layer's total ms)."""
@@ -183,6 +185,7 @@ def routing_share(cfg: ModelConfig, batch: int, seq: int) -> tuple[float, float]
 
     torch.manual_seed(0)
     moe = MoE(cfg)
+    kernels.apply(moe, settings)
     for p in moe.parameters():
         torch.nn.init.normal_(p, std=0.02)
     x = torch.randn(batch, seq, cfg.hidden_size, requires_grad=True)
@@ -220,7 +223,8 @@ def sweep(args, device, ctx, peak) -> None:
         args.shape = name
         cfg, batch, seq = sweep_shape(name, args.quick)
         x = torch.randint(0, cfg.vocab_size, (batch, seq + 1), device=device)
-        steps = {k: step_fn(build(k, cfg, device), k == "hf", x[:, :-1], x[:, 1:], ctx) for k in ("ours", "hf")}
+        steps = {k: step_fn(build(k, cfg, device, args.settings), k == "hf", x[:, :-1], x[:, 1:], ctx)
+                 for k in ("ours", "hf")}
         times = interleaved(steps, args.steps)
         del steps
         tok = {k: [batch * seq / t for t in ts] for k, ts in times.items()}
@@ -254,15 +258,16 @@ def main():
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--only", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--keep-freed-memory", action="store_true",
-                    help="glibc reuses freed pages (both frameworks: one process)")
+    ap.add_argument("--gemm", default="auto", choices=kernels.CHOICES["gemm"], help="nanoseek's kernels.gemm")
+    ap.add_argument("--no-keep-freed-memory", action="store_true",
+                    help="leave glibc's allocator as it is (default: keep freed memory, as `nanoseek train`)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
     args.steps = args.steps or (2 if args.quick else 4 if args.sweep else 6)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.keep_freed_memory:
-        keep_freed_memory()
+    args.settings = kernels.resolve(kernels.Settings(gemm=args.gemm, keep_freed_memory=not args.no_keep_freed_memory))
+    allocator = kernels.start_process(args.settings)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(args.device)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
@@ -272,7 +277,7 @@ def main():
     x = torch.randint(0, cfg.vocab_size, (args.batch, args.seq + 1), device=device)
     x, y = x[:, :-1], x[:, 1:]
     if args.only:
-        step = step_fn(build(args.only, cfg, device), args.only.startswith("hf"), x, y, ctx)
+        step = step_fn(build(args.only, cfg, device, args.settings), args.only.startswith("hf"), x, y, ctx)
         for _ in range(args.steps):
             step()
         print(json.dumps({"peak_mib": peak_memory_self(device)}))
@@ -283,17 +288,17 @@ def main():
     print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads, "
           f"device {device} ({chip(str(device))}), dtype {'bf16 autocast' if device.type == 'cuda' else 'fp32'}, "
           f"THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE')}; GEMM peak {peak}"
-          + (f"; nanoseek's fp32 GEMMs: {'oneDNN' if onednn_faster() else 'BLAS'} (model/gemm.py)" * (device.type == "cpu")))
-    if device.type == "cpu":  # MKL's rate differs between processes on some hosts (docs/LOG.md, sessions 15-16)
+          + f"; nanoseek's kernels: {kernels.describe(args.settings)}; {allocator or 'glibc allocator as it was'}")
+    if device.type == "cpu":  # MKL's rate differs between processes on some hosts (docs/LOG.md)
         print("this process's 1024^3 GFLOP/s: " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in rates().items()))
     if args.sweep:
         return sweep(args, device, ctx, peak)
     kinds = ["ours", "hf", "hf-eager-experts", "ours+mtp"]
-    steps = {k: step_fn(build(k, cfg, device), k.startswith("hf"), x, y, ctx) for k in kinds}
+    steps = {k: step_fn(build(k, cfg, device, args.settings), k.startswith("hf"), x, y, ctx) for k in kinds}
     times = interleaved(steps, args.steps)
     tokens = args.batch * args.seq
     print(f"preset {args.preset}, batch {args.batch} x seq {args.seq}, AdamW, median of {args.steps} steps")
-    share, ms = routing_share(cfg, args.batch, args.seq)
+    share, ms = routing_share(cfg, args.batch, args.seq, args.settings)
     print(f"routing share of one MoE layer (router, sort/permute, gather/scatter, balance stats; fwd+bwd): "
           f"{share:.1%} of {ms:.0f} ms")
     print(f"{'run':<34}{'step ms':>10}{'tok/s':>10}{'MFU':>8}{'vs HF':>8}{'vs HF eager':>13}{'peak MiB':>10}")

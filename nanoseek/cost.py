@@ -1,6 +1,6 @@
 """Cost accounting: parameters, FLOPs per token, latent-cache bytes, MFU, GPU-hours and dollars.
 
-Training FLOPs per token (spec section 9; the formula of torchtitan's `get_moe_model_nparams_and_flops`):
+Training FLOPs per token (the formula of torchtitan's `get_moe_model_nparams_and_flops`):
 
     F = 6 N_mm + 6 L n_h (d_qk + d_v) S_eff          S_eff = S / 2 with causal masking credited, else S
 
@@ -10,7 +10,7 @@ not the norm weights (elementwise). 6 = 2 FLOPs per multiply-add x (forward + 2 
 term is QK^T (d_qk = d_n + d_r per head) and PV (d_v per head) against S_eff keys. Not counted: softmax,
 norms, RoPE, SwiGLU and other elementwise work, optimizer, and recomputation (MFU, not HFU).
 
-MFU = F x tokens/s / peak (perf-notes section 3); GPU-hours = F x tokens / (peak x MFU x 3600); the peaks
+MFU = F x tokens/s / peak; GPU-hours = F x tokens / (peak x MFU x 3600); the peaks
 are peak.py's (datasheets on GPUs, a cached idle measurement on a CPU).
 The V3 paper's Table 1 and Llama 3.1's figures are data here (`V3_PAPER`, `LLAMA31`), rechecked by `paper_check`;
 `nanoseek cost` lays all of it out as tables in cost_report.py.
@@ -48,7 +48,7 @@ def matmul_params(cfg: ModelConfig, mtp: bool = False) -> int:
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True, mtp: bool = False) -> FlopsBreakdown:
-    """F = 6 N_mm + 6 L n_h (d_qk + d_v) S_eff, S_eff = S/2 if `causal` else S (spec section 9).
+    """F = 6 N_mm + 6 L n_h (d_qk + d_v) S_eff, S_eff = S/2 if `causal` else S.
     `mtp=False` (default, as in the paper's comparisons) counts the main model only; `mtp=True` adds each MTP
     module's matmuls (`matmul_params`) and its attention layer, as if it ran on all S positions (it runs on
     S - k). V3 at S = 4096, causal: 6 x 36.62B + 30.7G = 250 GFLOP."""
@@ -64,7 +64,7 @@ def train_flops_per_token(cfg: ModelConfig, seq_len: int, causal: bool = True, m
 def inference_flops_per_token(cfg: ModelConfig, context_len: int, absorbed: bool = False) -> FlopsBreakdown:
     """Forward FLOPs of one new token attending to `context_len` cached tokens: 2 N_mm + attention, with
     attention 2 L n_h (d_qk + d_v) T for naive MLA (per-head K/V, as MHA) and 2 L n_h (2 r_kv + d_r) T for
-    absorbed MLA (scores on the r_kv + d_r latent, values on the r_kv latent; spec section 2.1). N_mm is the
+    absorbed MLA (scores on the r_kv + d_r latent, values on the r_kv latent; DeepSeek-V2 §2.1.2). N_mm is the
     same in both: absorbing moves W_UK, W_UV from keys and values to the one query and output."""
     if not (isinstance(context_len, int) and context_len > 0):
         raise ValueError(f"--seq-len {context_len} must be a positive integer")
@@ -92,7 +92,7 @@ class CacheBytes(NamedTuple):
 
 
 def cache_bytes_per_token(cfg: ModelConfig, dtype_bytes: int = 2, gqa_groups: int = 8) -> CacheBytes:
-    """Decoding cache per token, main model, spec section 2.2. V3 in bf16: MLA 576 x 61 x 2 = 70,272 B;
+    """Decoding cache per token, main model (DeepSeek-V2 §2.1.4, Table 1). V3 in bf16: MLA 576 x 61 x 2 = 70,272 B;
     MHA of the same shape 128 x 320 x 61 x 2 = 4,997,120 B (71x, the naive-MLA cache); MLA = GQA with
     g = 576/320 = 1.8 KV heads of that shape, or g = 576/256 = 2.25 with the V2 paper's d_h = 128 keys."""
     if not (isinstance(gqa_groups, int) and gqa_groups > 0):
@@ -157,7 +157,7 @@ def run_estimate(flops_per_token: float, tokens: float | None, gpu: str, precisi
 
 
 # ---------------------------------------------------------------------- reported figures
-V3_PAPER = {  # DeepSeek-V3 Technical Report (arXiv 2412.19437), Table 1 and section 1: H800 GPU-hours at $2/hour
+V3_PAPER = {  # DeepSeek-V3 report (arXiv 2412.19437) §1, Table 1: H800 GPU-hours at $2/hour
     "source": "DeepSeek-V3 Technical Report (arXiv 2412.19437), Table 1 and sections 1, 4.1",
     "price": 2.0, "tokens": 14.8e12, "seq_len": 4096, "gpus": 2048, "hours_per_trillion": 180e3,
     "stages": {"pre-training": (2664e3, 5.328e6), "context extension": (119e3, 0.238e6),
@@ -193,7 +193,7 @@ class PaperCheck(NamedTuple):
 
 def paper_check() -> PaperCheck:
     """The V3 paper's cost table recomputed from its own figures and from the FLOPs formula, beside Llama 3.1
-    405B's: V3 sustained 386 TFLOP/s per H800 (39% of the bf16 dense peak, spec section 9)."""
+    405B's: V3 sustained 386 TFLOP/s per H800 (39% of the bf16 dense peak)."""
     P, ll, h800 = V3_PAPER, LLAMA31, GPUS["h800"].peaks
     hours = sum(h for h, _ in P["stages"].values())
     pre = P["hours_per_trillion"] * P["tokens"] / 1e12

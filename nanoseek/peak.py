@@ -1,6 +1,6 @@
-"""The peak FLOP/s MFU is measured against (perf-notes section 3): GPUs' dense tensor-core peaks from their
+"""The peak FLOP/s MFU is measured against: GPUs' dense tensor-core peaks from their
 datasheets (`GPUS`, no 2:4 sparsity); on a CPU, the best GEMM measurement taken at idle, through the faster of
-the two GEMM libraries torch carries (BLAS and oneDNN: model/gemm.py), cached per machine (CPU model and family,
+the two GEMM libraries torch carries (BLAS and oneDNN: kernels/gemm.py), cached per machine (CPU model and family,
 threads, torch version, dtype, libraries) in the user's cache directory (`gemm_peak`). A measurement taken
 while the cores are busy never enters the cache, and a run's peak is never below its own throughput
 (`honest_peak`: MFU <= 1; a stale peak is re-measured, with a warning).
@@ -40,13 +40,13 @@ GPUS: dict[str, GPU] = {
                 "NVIDIA A100 Tensor Core GPU datasheet: BF16 312 TFLOP/s dense (624 with sparsity); no FP8", 80e9),
     "cpu": GPU("this machine's CPU", {"fp32": None},
                "measured now: max over 3 repeats of an fp32 n^3 product at n = 2048 and 4096, through BLAS (torch.mm) "
-               "and oneDNN (perf-notes section 3)"),
+               "and oneDNN"),
 }
 
 
 def measure_gemm_peak(dtype=None, sizes: tuple[int, ...] = (2048, 4096), repeats: int = 3, device=None) -> float:
-    """Peak matmul FLOP/s: the fastest library's rate (model/gemm.py `rates`)."""
-    from nanoseek.model.gemm import rates
+    """Peak matmul FLOP/s: the fastest library's rate (kernels/gemm.py `rates`)."""
+    from nanoseek.kernels.gemm import rates
 
     return max(rates(sizes, repeats, dtype, device).values())
 
@@ -55,7 +55,7 @@ def measure_gemm_peak(dtype=None, sizes: tuple[int, ...] = (2048, 4096), repeats
 BUSY_CORES = 0.25  # a measurement is under load when other processes use more cores than this (bench/hostload.py)
 MIN_SHARE = 0.75  # or when the measuring thread runs less than this share of the wall time (cores oversubscribed)
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # precision -> the dtype a peak is measured in
-LIBRARIES = {"blas": "BLAS (torch.mm)", "onednn": "oneDNN"}  # model/gemm.py `rates`' keys
+LIBRARIES = {"blas": "BLAS (torch.mm)", "onednn": "oneDNN"}  # kernels/gemm.py `rates`' keys
 
 
 class Peak(NamedTuple):
@@ -115,11 +115,11 @@ def chip(device: str = "cpu") -> str:
 
 def peak_key(device: str, precision: str) -> str:
     """What a measured peak belongs to: the `chip`, torch's threads and version, the dtype, the GEMM libraries
-    measured (model/gemm.py `rates`). E.g. "AMD EPYC (family 25, model 17) | 2 threads | torch 2.13.0+cpu |
+    measured (kernels/gemm.py `rates`). E.g. "AMD EPYC (family 25, model 17) | 2 threads | torch 2.13.0+cpu |
     float32 | blas+onednn"."""
     import torch
 
-    from nanoseek.model.gemm import onednn_product
+    from nanoseek.kernels.gemm import onednn_product
 
     dtype = DTYPES.get(precision, precision)
     libraries = "blas+onednn" if torch.device(device).type == "cpu" and dtype == "float32" and onednn_product() \
@@ -159,7 +159,7 @@ def _busy_s() -> float:
 
 
 def measure_at_idle(device: str = "cpu", precision: str = "fp32", repeats: int = 10) -> tuple[float, dict]:
-    """A GEMM peak (model/gemm.py `rates`' best, 2048^3 on CPU, max of `repeats`) and the load during it:
+    """A GEMM peak (kernels/gemm.py `rates`' best, 2048^3 on CPU, max of `repeats`) and the load during it:
     "other_cores" (cores other processes kept busy: /proc/stat minus this process), "thread_share" (the
     measuring thread's CPU time / wall time: below 1 when the cores are oversubscribed, by this process's own
     threads too), and
@@ -167,7 +167,7 @@ def measure_at_idle(device: str = "cpu", precision: str = "fp32", repeats: int =
     each library's GFLOP/s."""
     import torch
 
-    from nanoseek.model import gemm
+    from nanoseek.kernels import gemm
 
     cuda, own = torch.device(device).type == "cuda", lambda: sum(os.times()[:2])
     b0, o0, c0, t0 = _busy_s(), own(), time.thread_time(), time.perf_counter()

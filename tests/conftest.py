@@ -30,7 +30,7 @@ def shard_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory, shard_dir):
     """A run directory of the tiny preset after 4 training steps: config.json, tokenizer.json, checkpoints.
-    Returns (run_dir, the trained model)."""
+    Returns (run_dir, the trained weights in a plain model: no kernels applied)."""
     from nanoseek.train.config import load_train_config
     from nanoseek.train.loop import resolve_data, train
 
@@ -39,7 +39,9 @@ def tiny_run(tmp_path_factory, shard_dir):
                                    "batch_size=2", "data.seq_len=64", "eval_every=4", "eval_batches=1", "ckpt_every=4"])
     cfg, shards, _ = resolve_data(cfg)
     result = train(cfg, shards, quiet=True)
-    return out, result.model.eval()
+    plain = Transformer(result.config.model)
+    plain.load_state_dict(result.model.state_dict())
+    return out, plain.eval()
 
 
 # ---------------------------------------------------------------------- real DeepSeek folders

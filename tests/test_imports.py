@@ -16,16 +16,17 @@ ALLOWED = {
     "report": set(),
     "data": set(),  # knows no model: text, tokenizer, shards, tasks
     "model": {"config"},  # the reference forward: no training, serving, distribution, files or CLI
-    "peak": {"model"},  # the FLOP/s a device reaches: datasheets, a cached idle measurement (model/gemm.py)
+    "kernels": {"config", "model"},  # faster modules swapped into a built model from outside (kernels.apply)
+    "peak": {"kernels"},  # the FLOP/s a device reaches: datasheets, a cached idle measurement (kernels/gemm.py)
     "cost": {"config", "peak"},  # the formulas
     "table": set(),  # tables of marked values, as text or JSON
     "cost_report": {"config", "cost", "peak", "table"},  # the formulas' tables (`nanoseek cost`)
     "plan": {"config", "cost", "peak", "table"},
     "hf": {"config", "data", "model", "runs"},  # model folders in and out
     "parallel": {"config", "model", "runs"},  # applied to a plain model from outside
-    "infer": {"config", "data", "hf", "model"},  # serving knows no training, RL or distribution
-    "train": {"config", "cost", "data", "hf", "parallel", "model", "peak", "report", "runs", "runtime"},
-    "rl": {"config", "cost", "data", "hf", "infer", "model", "peak", "report", "runs", "runtime", "train"},
+    "infer": {"config", "data", "hf", "kernels", "model"},  # serving knows no training, RL or distribution
+    "train": {"config", "cost", "data", "hf", "kernels", "parallel", "model", "peak", "report", "runs", "runtime"},
+    "rl": {"config", "cost", "data", "hf", "infer", "kernels", "model", "peak", "report", "runs", "runtime", "train"},
     "demo": {"config", "cost", "hf", "report", "rl", "runs", "train"},
     "cli": None,  # the top: anything
     "__main__": {"cli"},
@@ -48,6 +49,8 @@ def imports() -> list[tuple[str, str, str]]:
         for node in ast.walk(ast.parse(file.read_text())):
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == "nanoseek":
+                names = [f"nanoseek.{a.name}" for a in node.names]  # from nanoseek import kernels
             elif isinstance(node, ast.ImportFrom) and node.level == 0:
                 names = [node.module or ""]
             else:
@@ -82,3 +85,17 @@ def test_the_rules_have_no_cycle():
     for p in graph:
         visit(p, [])
 
+
+
+def test_the_model_is_plain():
+    """nanoseek/model is the reference forward: no timing, no C calls, no environment switches."""
+    bad = []
+    for file in sorted((ROOT / "model").rglob("*.py")):
+        tree = ast.parse(file.read_text())
+        for node in ast.walk(tree):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{file.name} imports {n}" for n in names if n.split(".")[0] in ("ctypes", "time", "os")]
+            if isinstance(node, ast.Attribute) and node.attr in ("environ", "getenv"):
+                bad.append(f"{file.name} reads the environment")
+    assert not bad, "\n".join(bad)

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from nanoseek import peak as peak_mod
-from nanoseek.model import gemm
-from nanoseek.model.gemm import onednn_product
+from nanoseek.kernels import gemm
+from nanoseek.kernels.gemm import onednn_product
 
 
 @pytest.fixture(autouse=True)

@@ -9,6 +9,15 @@ from nanoseek.cli.registry import command
 from nanoseek.config import apply_overrides
 
 
+def _start(settings, quiet: bool) -> None:
+    """A training command's start-up: the allocator setting of its kernels (nanoseek/kernels/memory.py), said."""
+    from nanoseek import kernels
+
+    line = kernels.start_process(settings)
+    if line and not quiet:
+        print(line)
+
+
 def _train_flags(p: argparse.ArgumentParser, example: str = "configs/*.toml") -> None:
     p.add_argument("overrides", nargs="*", help="TrainConfig fields as key=value (dotted: optim.lr=1e-3, "
                                                 "init=runs/nano, data.path=...)")
@@ -34,6 +43,7 @@ def cmd_train(args) -> int:
     cfg = load_train_config(args.config, (["data.loss_on=assistant"] if sft else []) + args.overrides)
     if sft and not cfg.init:
         raise ValueError("nanoseek sft needs init=DIR: the run, checkpoint or HF directory to fine-tune")
+    _start(cfg.kernels, args.quiet)
     result = run(cfg, resume=args.resume, quiet=args.quiet)
     if result.rank != 0:  # under torchrun, rank 0 evaluates and reports
         return 0
@@ -62,6 +72,7 @@ def cmd_rl(args) -> int:
     from nanoseek.rl.loop import load_grpo_config, run
 
     cfg = load_grpo_config(args.config, args.overrides)
+    _start(cfg.kernels, args.quiet)
     result = run(cfg, resume=args.resume, quiet=args.quiet)
     print(f"report: {result.report}  plots: {Path(cfg.out_dir) / 'plots'}  metrics: "
           f"{Path(cfg.out_dir) / 'metrics.jsonl'}  samples: {Path(cfg.out_dir) / 'samples.jsonl'}")
@@ -79,10 +90,13 @@ def _distill_flags(p: argparse.ArgumentParser) -> None:
          _distill_flags)
 def cmd_distill(args) -> int:
     """Rejection sampling from a teacher, then SFT of a student on the verified completions."""
-    from nanoseek.rl.distill import DistillConfig, distill, split_overrides
+    from nanoseek.rl.distill import DistillConfig, check_student_overrides, distill, split_overrides
+    from nanoseek.train.config import load_train_config
 
     ours, student = split_overrides(args.overrides)
     cfg = apply_overrides(DistillConfig(), ours)
+    check_student_overrides(student)
+    _start(load_train_config(args.student_config, student).kernels, args.quiet)
     result = distill(cfg, args.student_config, student, quiet=args.quiet)
     print(f"data: {cfg.out_dir}/distill.jsonl  summary: {cfg.out_dir}/summary.json  "
           f"student report: {result['student'].report}")
@@ -103,5 +117,7 @@ def _demo_flags(p: argparse.ArgumentParser) -> None:
 def cmd_demo(args) -> int:
     """Pretrain, GRPO, an SFT control, evaluation and a report (nanoseek/demo.py)."""
     from nanoseek.demo import main as demo_main
+    from nanoseek.train.config import load_train_config
 
+    _start(load_train_config(args.pretrain_config).kernels, args.quiet)
     return demo_main(args)

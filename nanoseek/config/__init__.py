@@ -6,7 +6,7 @@ configs and select the gate (`scoring_func`, `topk_method`) and the MoE layer st
 V2 / V2-Lite use them. Every rule is checked at construction (`ValueError` naming field, value, rule).
 `read_model_config` / `ModelConfig.from_file` read any config file format nanoseek knows (formats.py).
 
-Presets (spec section 7, presets.py): `tiny` (tests), `nano` (tiny-10M), `small` (tiny-100M), `v2-lite`,
+Presets (presets.py): `tiny` (tests), `nano` (~10M parameters), `small` (~100M), `v2-lite`,
 `v3-671b`.
 """
 
@@ -39,7 +39,7 @@ class ModelConfig:
     num_hidden_layers: int = 61
     first_k_dense_replace: int = 3
     moe_layer_freq: int = 1
-    # MLA (spec section 2)
+    # MLA (DeepSeek-V3 report §2.1.1; DeepSeek-V2 §2.1)
     num_attention_heads: int = 128
     num_key_value_heads: int | None = None  # must equal num_attention_heads (MLA has no GQA)
     q_lora_rank: int | None = 1536  # None: a plain q_proj (V2-Lite)
@@ -47,7 +47,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 128
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
-    # DeepSeekMoE (spec section 4)
+    # DeepSeekMoE (DeepSeek-V3 report §2.1.2)
     n_routed_experts: int = 256
     n_shared_experts: int = 1
     num_experts_per_tok: int = 8
@@ -57,9 +57,9 @@ class ModelConfig:
     scoring_func: str = "sigmoid"  # sigmoid (V3) or softmax (V2)
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 2.5
-    # MTP (spec section 6)
+    # MTP (DeepSeek-V3 report §2.2)
     num_nextn_predict_layers: int = 1
-    # positions (spec section 3)
+    # positions: RoPE on the decoupled key (DeepSeek-V3 report §2.1.1), YaRN (§4.3)
     max_position_embeddings: int = 4096
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"type": "yarn", "factor", "original_max_position_embeddings", ...}
@@ -198,7 +198,7 @@ class ModelConfig:
         return self.topk_method == "noaux_tc"
 
     def cache_bytes_per_token(self, bytes_per_elem: int = 2) -> int:
-        """Absorbed-MLA cache per token, main model: (r_kv + d_r) * L * bytes (spec 2.2; V3 bf16: 70,272)."""
+        """Absorbed-MLA cache per token, main model: (r_kv + d_r) * L * bytes (DeepSeek-V2 §2.1.4; V3 bf16: 70,272)."""
         return self.cache_dim * self.num_hidden_layers * bytes_per_elem
 
     # ------------------------------------------------------------------ counting

@@ -1,4 +1,4 @@
-"""Presets (spec section 7) as data: `ModelConfig.preset(name)` builds them."""
+"""Presets as data: `ModelConfig.preset(name)` builds them."""
 
 _TINY_COMMON = dict(
     rope_scaling=None, max_position_embeddings=2048, topk_method="noaux_tc", scoring_func="sigmoid",
@@ -12,17 +12,17 @@ PRESETS: dict[str, dict] = {
                  num_hidden_layers=3, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=32,
                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8,
                  num_experts_per_tok=2, n_group=4, topk_group=2, max_position_embeddings=512),
-    # spec 7.3 tiny-10M
+    # ~10M parameters (10.81M total, 7.27M activated, main model): the demo's model
     "nano": dict(_TINY_COMMON, vocab_size=8192, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
                  num_hidden_layers=4, q_lora_rank=128, kv_lora_rank=128, qk_nope_head_dim=32,
                  qk_rope_head_dim=16, v_head_dim=32, n_routed_experts=16, num_experts_per_tok=4,
                  n_group=4, topk_group=2),
-    # spec 7.3 tiny-100M
+    # ~100M parameters (105.70M total, 50.65M activated, main model)
     "small": dict(_TINY_COMMON, vocab_size=32768, hidden_size=512, intermediate_size=1536,
                   moe_intermediate_size=256, num_hidden_layers=6, q_lora_rank=256, kv_lora_rank=128,
                   qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, n_routed_experts=32,
                   num_experts_per_tok=4, n_group=4, topk_group=2),
-    # spec 7.2 (for counting and importing; never allocated in tests)
+    # DeepSeek-V2-Lite, as its Hugging Face config.json (for counting and importing; never allocated in tests)
     "v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
                     moe_intermediate_size=1408, num_hidden_layers=27, first_k_dense_replace=1,
                     num_attention_heads=16, q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=128,
@@ -33,7 +33,8 @@ PRESETS: dict[str, dict] = {
                     rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
                                       beta_slow=1, mscale=0.707, mscale_all_dim=0.707),
                     bos_token_id=100000, eos_token_id=100001),
-    # spec 7.1: the released DeepSeek-V3 shape
+    # the released DeepSeek-V3 shape: transformers' DeepseekV3Config defaults, plus the released config.json's
+    # context length and YaRN
     "v3-671b": dict(max_position_embeddings=163840,
                     rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
                                       beta_slow=1, mscale=1.0, mscale_all_dim=1.0)),
@@ -41,7 +42,8 @@ PRESETS: dict[str, dict] = {
 
 
 def yarn_example(original: int = 512, factor: float = 4.0) -> dict:
-    """The spec's small YaRN variant (section 7.3) for exercising the context-extension path."""
+    """A small YaRN setting (V3's beta_fast, beta_slow and mscale; a smaller factor and original length) for
+    exercising the context-extension path."""
     return dict(type="yarn", factor=factor, original_max_position_embeddings=original, beta_fast=32, beta_slow=1,
                 mscale=1.0, mscale_all_dim=1.0)
 

@@ -11,7 +11,8 @@ prompts (sha1 % 10 == 0; `heldout()` draws them) never appear in training data, 
 The mix (`BUILTIN_MIX`, weights per (task, difficulty)) leans on the easiest family: about 56% addition and
 23% subtraction, mostly 2-3 digits, the rest split between linear equations, countdown and word problems,
 each with a few harder levels, so a small model trained for a few CPU-minutes gets the format and the easy
-held-out problems largely right while the harder ones leave room for RL (r1-spec 4.2).
+held-out problems largely right while the harder ones leave room for RL (a group with no correct sample
+gives GRPO no signal).
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ into its slot, so every forward works on the view cache[:n] without gathers. Eac
    last prompt position's logits are computed, and the first token is sampled from them.
 3. finished requests (stop id, stop string, max_tokens, cancelled) leave; their rows are reused.
 
-MTP speculative decoding (paper section 2.2: the MTP module "can be repurposed for speculative decoding"):
+MTP speculative decoding (DeepSeek-V3 report §2.2: the MTP module "can be repurposed for speculative decoding"):
 the MTP module drafts d for position p + 1 from the main model's hidden state at p - 1 and the token at p.
 A decode step then feeds [x_p, d] at [p, p + 1] (one forward, two tokens per row); d is accepted by the rule
 in sampling.accept (greedy: d equals the argmax), and when it is, the main model's prediction at p + 1 comes
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from nanoseek import kernels
 from nanoseek.infer.fastpath import Decoder
 from nanoseek.infer.sampling import SamplingParams, guard, logprobs, propose, requested_logprobs, sample, verify
 from nanoseek.infer.text import TextStream
@@ -98,6 +99,7 @@ class Engine:
             raise ValueError(f"max_batch={max_batch} must be >= 1")
         if speculative and not model.mtp:
             raise ValueError("speculative decoding needs an MTP module (num_nextn_predict_layers >= 1)")
+        kernels.apply(model, kernels.Settings.decoding())  # prefill's attention through SDPA's CPU flash kernel
         self.model = model.eval()
         self.forward = Decoder(self.model)  # the model, through the decoding plan where it applies (fastpath/)
         self.tokenizer = tokenizer

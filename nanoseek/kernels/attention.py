@@ -1,21 +1,19 @@
-"""Causal attention of the expanded MLA path: o = softmax(q k^T * scale + M) v, M_ij = -inf where key j > query i.
+"""Causal attention for MLA on CPU: o = softmax(q k^T * scale + M) v, M_ij = -inf where key j > query i.
 
-Shapes: q, k (b, h, s, d_qk), v (b, h, s, d_v), o (b, h, s, d_v); B = b h in the kernel below.
-
-`causal_attention` picks a kernel; both compute the same function (tests/model/test_attention.py):
-- SDPA, the reference. On CPU its fused (flash) kernel needs equal K and V head dims, so V is zero-padded from
-  d_v to d_qk there (the padded output columns are zeros and are dropped).
-- `BlockCausal`, for training on CPU (fp32 / fp64, 128 <= s <= 1024): query blocks of `BLOCK` rows against the
+`BlockedMLA` is model.mla.MLA whose `attend` runs, on CPU, one of two kernels that compute the same function
+as the reference's causal SDPA (tests/kernels/test_attention.py):
+- `BlockCausal`, training in fp32 / fp64 at `BLOCK_RANGE` lengths: query blocks of `BLOCK` rows against the
   keys up to each block's end, so the masked upper triangle is computed inside the diagonal blocks only; the
   scores of a block sit in one reused buffer, the softmax runs in place, and the backward recomputes P from the
   saved log-sum-exp, as FlashAttention does (Dao et al. 2022, section 3.1):
       P = exp(S - lse),  dV = P^T dO,  dP = dO V^T,  dS = P * (dP - rowsum(dO * O)),  dQ = scale dS K,
       dK = scale dS^T Q
   The exponentials are base 2, the scores scaled by log2(e) inside their GEMM (2^(x log2 e) = e^x): exp2 runs
-  ~3.5x faster than exp in this CPU build (7.7 vs 2.2 G/s; docs/LOG.md, session 12), and the scaling costs
-  nothing. Its batched GEMMs run near MKL's rate where the CPU flash kernel's small tiles do not: 20-40% less
-  time for forward + backward at 128-512 tokens, about even at 1024, slower at 2048 and at a few dozen tokens
-  (docs/LOG.md, session 11), hence the range.
+  ~3.5x faster than exp in torch's CPU build. Its batched GEMMs run near BLAS's rate where the CPU flash
+  kernel's small tiles do not; outside the range the flash kernel is as fast or faster (docs/LOG.md).
+- otherwise SDPA's fused (flash) kernel, which on CPU needs equal K and V head dims: V is zero-padded from
+  d_v to d_qk (the padded output columns are zeros and are dropped).
+Shapes: q, k (b, h, s, d_qk), v (b, h, s, d_v), o (b, h, s, d_v); B = b h in the kernel.
 """
 
 from __future__ import annotations
@@ -23,17 +21,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from nanoseek.model.mla import MLA
+
 BLOCK = 64  # query rows per block: the diagonal blocks compute (1 + BLOCK / s) / 2 of the full square
 BLOCK_RANGE = (128, 1024)  # sequence lengths where `BlockCausal` beats the CPU flash kernel (fwd + bwd)
 LOG2E = 1.4426950408889634  # log2(e): e^x = 2^(x LOG2E)
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                     fused: bool = True) -> torch.Tensor:
-    """q, k (b, h, s, d_qk), v (b, h, s, d_v) -> o (b, h, s, d_v). `fused=False`: plain SDPA (its math kernel on CPU
-    where d_v != d_qk; FlopCounterMode counts its FLOPs)."""
+class BlockedMLA(MLA):
+    """MLA whose causal attention runs `causal_attention` (the module docstring)."""
+
+    kernel_of = MLA
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return causal_attention(q, k, v, self.scale)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q, k (b, h, s, d_qk), v (b, h, s, d_v) -> o (b, h, s, d_v), on CPU through the kernel the module docstring
+    names; elsewhere SDPA."""
     b, h, s, d_v = v.shape
-    if fused and q.device.type == "cpu":
+    if q.device.type == "cpu":
         if (BLOCK_RANGE[0] <= s <= BLOCK_RANGE[1] and q.dtype in (torch.float32, torch.float64)
                 and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
             o = BlockCausal.apply(q.reshape(b * h, s, -1), k.reshape(b * h, s, -1), v.reshape(b * h, s, d_v), scale)

@@ -1,4 +1,4 @@
-"""One decoder layer (spec section 1): pre-norm MLA, then pre-norm dense SwiGLU or DeepSeekMoE.
+"""One decoder layer (DeepSeek-V3 report §2.1): pre-norm MLA, then pre-norm dense SwiGLU or DeepSeekMoE.
 
     h = h + MLA(RMSNorm(h));   h = h + FFN(RMSNorm(h)),  FFN = MoE for layer_idx >= first_k_dense_replace
 """

@@ -1,4 +1,4 @@
-"""DeepSeek-V3's fine-grained FP8 format (paper section 3.3.2, spec section 8; the released checkpoints).
+"""DeepSeek-V3's fine-grained FP8 format (DeepSeek-V3 report §3.3.2; the released checkpoints' `weight_scale_inv`).
 
 A tensor is cut into blocks over its last two dims, each block stored as e4m3 values with one fp32 scale:
 

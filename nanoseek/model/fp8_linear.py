@@ -1,4 +1,4 @@
-"""FP8 GEMMs for training and inference, V3's recipe (paper section 3.3, spec section 8).
+"""FP8 GEMMs for training and inference, V3's recipe (DeepSeek-V3 report §3.3).
 
 Each FP8 Linear runs its three GEMMs on e4m3 inputs with fine-grained scales (nanoseek.model.fp8) and fp32
 accumulation, C[m, n] = sum_kb (A_kb . B_kb^T) a_s[m, kb] b_s[n, kb] over 128-wide K blocks:
@@ -6,7 +6,7 @@ accumulation, C[m, n] = sum_kb (A_kb . B_kb^T) a_s[m, kb] b_s[n, kb] over 128-wi
     Fprop  Y  = X W^T     X: 1x128 tiles along in       W: 128x128 blocks
     Dgrad  dX = dY W      dY: 1x128 tiles along out     W: the same blocks (the cached FP8 weight, transposed)
     Wgrad  dW = dY^T X    dY, X: 1x128 tiles along the tokens (the reduction dim); X is the cached FP8
-                          activation, dequantized and re-quantized 1x128 -> 128x1 (paper section 3.5.2)
+                          activation, dequantized and re-quantized 1x128 -> 128x1 (DeepSeek-V3 report §3.5.2)
 
 Backends (`Recipe.backend`, "auto" picks per call):
 - "emulate" (CPU, GPUs without the kernel): quantize, dequantize, one fp32 matmul: the same e4m3 values and
@@ -255,7 +255,7 @@ class FP8Experts(Experts):
 
     fp8: Recipe = Recipe()
 
-    def _product(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, workspace=None,
+    def _product(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
                  token: torch.Tensor | None = None) -> torch.Tensor:
         xs = x if token is None else x.index_select(0, token)
         return fp8_grouped_mm(xs, w, counts, self.fp8, parts=2 if w is self.gate_up_proj else 1)

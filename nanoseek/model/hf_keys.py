@@ -1,4 +1,4 @@
-"""Hugging Face names for the model's parameters (spec section 10): the key and tensor mapping, with no I/O.
+"""Hugging Face names for the model's parameters (transformers' `DeepseekV3ForCausalLM` state-dict keys): the key and tensor mapping, with no I/O.
 
 nanoseek's parameter names are DeepseekV3ForCausalLM's without the `model.` prefix, but for two things:
 - routed experts are stacked, `experts.gate_up_proj` (e, 2I, H) (gate rows first) and `experts.down_proj`

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (paper section 2.1.1, spec section 2).
+"""Multi-head Latent Attention (DeepSeek-V3 report §2.1.1; DeepSeek-V2 §2.1).
 
 Shapes: b batch, s query length, t key length, h heads, d head dims, c latent (r_kv), r rope dim (d_r).
 
@@ -7,8 +7,8 @@ Shapes: b batch, s query length, t key length, h heads, d head dims, c latent (r
     o = softmax(([q_nope, RoPE(q_pe)] . [k_nope, RoPE(k_pe)]) * scale) v;   out = W_O o
 
 Two equal ways to compute it:
-- naive (training, prefill): expand the latent to per-head K and V and attend (attention.py: SDPA, or a blocked
-  kernel for training on CPU).
+- naive (training, prefill): expand the latent to per-head K and V and attend (`attend`: causal SDPA; faster
+  CPU kernels are applied from outside, nanoseek/kernels/attention.py).
 - absorbed (decoding, `absorbed` below, also called by infer/fastpath/plan.py): fold W_UK into the query and W_UV after
   the weighted sum, so attention runs on the latent cache directly: MQA with one KV head of key dim c + r and
   value dim c. The cache holds
@@ -22,8 +22,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.attention import causal_attention
-from nanoseek.model.gemm import Linear
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import apply_rope, softmax_scale
 
@@ -84,12 +82,12 @@ class LatentCache:
 
 
 class MLA(nn.Module):
-    absorb_max_query = 16  # up to this many new tokens per row, attend on the latent cache (memory-bound regime)
-    fused_attention = True  # causal attention through attention.py's faster kernels (same result); False: SDPA
-
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int, absorb_max_query: int = 16):
+        """absorb_max_query: up to this many new tokens per row, a cached step attends on the latent cache
+        (absorbed: memory-bound decoding); more (a chunk of prompt) expand the latent first."""
         super().__init__()
         self.layer_idx = layer_idx
+        self.absorb_max_query = absorb_max_query
         self.n_heads = cfg.num_attention_heads
         self.d_nope, self.d_rope, self.d_v = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.rank = cfg.kv_lora_rank
@@ -97,15 +95,15 @@ class MLA(nn.Module):
         self.scale = softmax_scale(cfg)
         H, h, dqk = cfg.hidden_size, cfg.num_attention_heads, cfg.qk_head_dim
         if cfg.q_lora_rank:
-            self.q_a_proj = Linear(H, cfg.q_lora_rank, bias=False)
+            self.q_a_proj = nn.Linear(H, cfg.q_lora_rank, bias=False)
             self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-            self.q_b_proj = Linear(cfg.q_lora_rank, h * dqk, bias=False)
+            self.q_b_proj = nn.Linear(cfg.q_lora_rank, h * dqk, bias=False)
         else:
-            self.q_proj = Linear(H, h * dqk, bias=False)
-        self.kv_a_proj_with_mqa = Linear(H, cfg.cache_dim, bias=False)
+            self.q_proj = nn.Linear(H, h * dqk, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(H, cfg.cache_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(cfg.kv_lora_rank, cfg.rms_norm_eps)
-        self.kv_b_proj = Linear(cfg.kv_lora_rank, h * (self.d_nope + self.d_v), bias=False)
-        self.o_proj = Linear(h * self.d_v, H, bias=False)
+        self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, h * (self.d_nope + self.d_v), bias=False)
+        self.o_proj = nn.Linear(h * self.d_v, H, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 cache: LatentCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -138,7 +136,7 @@ class MLA(nn.Module):
         return self.o_proj(o.reshape(b, s, h * self.d_v))
 
     def _naive(self, q_nope, q_pe, c_kv, k_pe, mask):
-        """Expand the latent into per-head K, V (b, t, h, d) and attend: causal (attention.py), or SDPA with `mask`
+        """Expand the latent into per-head K, V (b, t, h, d) and attend: causal (`attend`), or SDPA with `mask`
         (b, s, t)."""
         b, t, _ = c_kv.shape
         h, dn = self.n_heads, self.d_nope
@@ -148,10 +146,15 @@ class MLA(nn.Module):
         q = torch.cat([q_nope.transpose(1, 2), q_pe.transpose(1, 2)], dim=-1)
         v = v.transpose(1, 2)
         if mask is None:
-            o = causal_attention(q, k, v, self.scale, fused=self.fused_attention)
+            o = self.attend(q, k, v)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=self.scale)
         return o.transpose(1, 2)  # (b, s, h, d_v)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """Causal attention, q, k (b, h, s, d_qk), v (b, h, s, d_v) -> o (b, h, s, d_v):
+        o = softmax(q k^T * scale + M) v, M_ij = -inf where key j comes after query i."""
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
 
 
 def absorbed(q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor, hidden: torch.Tensor | None,

@@ -1,4 +1,4 @@
-"""DeepSeekMoE: shared experts + fine-grained routed experts (paper section 2.1.2, spec sections 4-5).
+"""DeepSeekMoE: shared experts + fine-grained routed experts (DeepSeek-V3 report §2.1.2).
 
 Shapes: t tokens (b*s flattened), e routed experts, k experts per token, g groups.
 
@@ -12,11 +12,10 @@ Gate (V3, topk_method="noaux_tc", scoring_func="sigmoid"), all in fp32:
 V2 gates: softmax affinities, group score = max ("group_limited_greedy") or no groups ("greedy"), no bias.
 
 Routed experts are stacked tensors (gate_up_proj (e, 2I, H), down_proj (e, H, I)); tokens are sorted by expert
-and each projection is one grouped GEMM (`F.grouped_mm`), with a per-expert loop only where grouped_mm has
-no kernel. Training on CPU, the weight gradients dW_j = dY_j^T X_j are written into memory reused every step
-(`GroupedLinear`, model/workspace.py), and the products run per expert through oneDNN where it is the
-faster library (model/gemm.py). Not here: the bias update b += gamma sign(mean(c) - c) is a
-training-loop step.
+and each projection is one grouped GEMM (`F.grouped_mm`), or one product per expert where grouped_mm has no
+kernel (fp32 on CUDA) or no backward (CPU training). Not here: the bias update b += gamma sign(mean(c) - c) is
+a training-loop step (train/loop.py); faster CPU training products are applied from outside
+(nanoseek/kernels/experts.py).
 """
 
 from __future__ import annotations
@@ -28,8 +27,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from nanoseek.config import ModelConfig
-from nanoseek.model.gemm import Linear, grouped, grouped_wgrad, linear
-from nanoseek.model.workspace import Workspace
 
 
 class MLP(nn.Module):
@@ -37,9 +34,9 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, inter: int):
         super().__init__()
-        self.gate_proj = Linear(hidden, inter, bias=False)
-        self.up_proj = Linear(hidden, inter, bias=False)
-        self.down_proj = Linear(inter, hidden, bias=False)
+        self.gate_proj = nn.Linear(hidden, inter, bias=False)
+        self.up_proj = nn.Linear(hidden, inter, bias=False)
+        self.down_proj = nn.Linear(inter, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -47,7 +44,7 @@ class MLP(nn.Module):
 
 class RouterStats(NamedTuple):
     """Per MoE layer, one forward: tokens routed to each expert (e,) and the sequence-wise balance loss
-    L_Bal / alpha = mean over sequences of sum_i f_i P_i (spec section 5), None where not computed."""
+    L_Bal / alpha = mean over sequences of sum_i f_i P_i (DeepSeek-V3 report §2.1.2, the complementary sequence-wise balance loss), None where not computed."""
 
     tokens_per_expert: torch.Tensor
     balance_loss: torch.Tensor | None
@@ -65,7 +62,7 @@ class Gate(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
     def _apply(self, fn, recurse=True):
-        """Keep the router bias in fp32 whatever dtype the model is cast to (spec pitfall 3)."""
+        """Keep the router bias in fp32 whatever dtype the model is cast to (bf16 is too coarse near the bias values to order close affinities; transformers keeps it in fp32 too)."""
         bias = getattr(self, "e_score_correction_bias", None)
         super()._apply(fn, recurse)
         if bias is not None:
@@ -74,7 +71,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (t, H) -> weights (t, k) fp32, expert ids (t, k), affinities s (t, e) fp32."""
-        return self.route(linear(x.float(), self.weight.float()))
+        return self.route(F.linear(x.float(), self.weight.float()))
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits x W_g^T (t, e) fp32 -> weights, expert ids, affinities (as forward)."""
@@ -109,7 +106,6 @@ class Experts(nn.Module):
         E, H, I = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))  # rows: I gate, then I up
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
-        self._workspaces = (Workspace(), Workspace())  # the two weights' gradient memory (training on CPU)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x (t, H), idx/weights (t, k) -> y (t, H) = sum_k weights * FFN_idx(x), tokens per expert (e,)."""
@@ -119,61 +115,27 @@ class Experts(nn.Module):
         order = flat.argsort(stable=True)  # assignment slots sorted by expert
         counts = torch.bincount(flat, minlength=E)
         token = order // k  # the (t*k) rows x[token] are grouped by expert
-        gate, up = self._product(x, self.gate_up_proj, counts, self._workspaces[0], token).chunk(2, dim=-1)
+        gate, up = self._product(x, self.gate_up_proj, counts, token).chunk(2, dim=-1)
         # w * down(a) = down(w * a): weight the I-wide activation, not the H-wide output
         act = F.silu(gate) * up * weights.flatten()[order, None].to(gate.dtype)
-        out = self._product(act, self.down_proj, counts, self._workspaces[1])
+        out = self._product(act, self.down_proj, counts)
         return x.new_zeros(x.shape, dtype=out.dtype).index_add_(0, token, out), counts  # (autocast: out may be bf16)
 
-    def _product(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor, workspace: Workspace,
+    def _product(self, x: torch.Tensor, w: torch.Tensor, counts: torch.Tensor,
                  token: torch.Tensor | None = None) -> torch.Tensor:
-        """The rows x[token] (x itself when token is None), counts[j] of them for expert j, each times w[j]^T:
-        `GroupedLinear` when training on CPU, else `_mm`."""
-        if (x.device.type == "cpu" and grouped_mm_ok(x) and x.dtype == w.dtype and w.requires_grad
-                and torch.is_grad_enabled()):
-            return GroupedLinear.apply(x, w, counts, workspace, token)
+        """The rows x[token] (x itself when token is None), counts[j] of them for expert j, each times w[j]^T."""
         return self._mm(x if token is None else x.index_select(0, token), w, counts)
 
     @staticmethod
     def _mm(xs: torch.Tensor, w: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """Row block j of xs (counts[j] rows) times w[j]^T: one grouped GEMM, or where the device has none (fp32
-        on CUDA) one product per expert that has rows."""
-        if grouped_mm_ok(xs):
+        """Row block j of xs (counts[j] rows) times w[j]^T: one grouped GEMM, or one product per expert where
+        grouped_mm has no kernel (fp32 on CUDA) or no backward (CPU, under autograd)."""
+        grad = torch.is_grad_enabled() and (xs.requires_grad or w.requires_grad)
+        if grouped_mm_ok(xs) and not (grad and xs.device.type == "cpu"):
             offs = counts.cumsum(0).to(torch.int32)
             return F.grouped_mm(xs, w.transpose(1, 2), offs=offs)
-        outs = [x_j @ w_j.T for x_j, w_j, n in zip(xs.split(counts.tolist()), w, counts.tolist()) if n]
-        return torch.cat(outs) if outs else xs.new_zeros(0, w.shape[1])
-
-
-class GroupedLinear(torch.autograd.Function):
-    """Y_j = X_j W_j^T per expert's row block j (CPU), X = x[token] (x itself when token is None). The gathered X
-    is not saved: the backward gathers it again (k t H numbers less per MoE layer held from the forward to the
-    backward, for one copy). Backward: dW_j = dY_j^T X_j into the workspace's gradient memory (zeros for an
-    expert without rows), then dX = dY_j W_j, summed onto x's rows (index_add). The products run through
-    gemm.grouped and gemm.grouped_wgrad: BLAS's grouped GEMM, or oneDNN per expert where it is faster."""
-
-    @staticmethod
-    def forward(ctx, x, w, counts, workspace, token=None):
-        ctx.save_for_backward(x, w, token)
-        ctx.param, ctx.workspace = w, workspace  # param: to see whether it holds a .grad
-        ctx.rows = counts.tolist()
-        return grouped(x if token is None else x.index_select(0, token), w, ctx.rows)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        (x, w, token), rows = ctx.saved_tensors, ctx.rows
-        dy = dy.contiguous()
-        dx = dw = None
-        if ctx.needs_input_grad[1]:
-            xs = x if token is None else x.index_select(0, token)
-            dw = grouped_wgrad(dy, xs, rows, ctx.workspace.grad(ctx.param))
-            del xs  # freed before dX is made
-        if ctx.needs_input_grad[0]:
-            dx = grouped(dy, w, rows, transposed=False)
-            if token is not None:
-                dx = x.new_zeros(x.shape).index_add_(0, token, dx)
-        return dx, dw, None, None, None
+        return torch.cat([x_j @ w_j.T for x_j, w_j in zip(xs.split(counts.tolist()), w)])  # empty blocks too:
+        # an expert without rows gets a zero gradient, not none
 
 
 class MoE(nn.Module):

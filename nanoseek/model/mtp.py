@@ -1,4 +1,4 @@
-"""Multi-Token Prediction (paper section 2.2, spec section 6).
+"""Multi-Token Prediction (DeepSeek-V3 report §2.2).
 
 Module k = 1..D shares the embedding and output head with the main model and owns enorm, hnorm, eh_proj,
 one transformer block and shared_head.norm. On a sequence of T tokens it runs over the first T - k positions:
@@ -21,7 +21,6 @@ from torch import nn
 from nanoseek.config import ModelConfig
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.block import Block
-from nanoseek.model.gemm import Linear
 
 
 class MTP(Block):
@@ -32,7 +31,7 @@ class MTP(Block):
         H = cfg.hidden_size
         self.enorm = RMSNorm(H, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(H, cfg.rms_norm_eps)
-        self.eh_proj = Linear(2 * H, H, bias=False)
+        self.eh_proj = nn.Linear(2 * H, H, bias=False)
         self.shared_head = nn.ModuleDict({"norm": RMSNorm(H, cfg.rms_norm_eps)})
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, cos, sin, cache=None, balance_loss=True):

@@ -1,4 +1,4 @@
-"""RMSNorm, computed in fp32: y = w * x / sqrt(mean(x^2) + eps) (spec section 1)."""
+"""RMSNorm, computed in fp32: y = w * x / sqrt(mean(x^2) + eps) (as transformers' `DeepseekV3RMSNorm`)."""
 
 import torch
 import torch.nn.functional as F

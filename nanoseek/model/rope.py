@@ -1,4 +1,4 @@
-"""Rotary position embedding on the decoupled d_r dims, with YaRN (spec section 3, paper section 4.3).
+"""Rotary position embedding on the decoupled d_r dims, with YaRN (DeepSeek-V3 report §2.1.1 for the decoupled key, §4.3 for YaRN).
 
     f_i = theta^(-2i/d_r),  i = 0 .. d_r/2 - 1
 YaRN (only when `rope_scaling` is set, i.e. after context extension):

@@ -1,4 +1,4 @@
-"""The DeepSeek-V3 decoder (spec section 1) with its MTP modules, and Hugging Face parameter names.
+"""The DeepSeek-V3 decoder (DeepSeek-V3 report §2.1) with its MTP modules, and Hugging Face parameter names.
 
     h = Embed(tokens);  h = Block_l(h) for l < L;  logits = lm_head(RMSNorm(h))     (head not tied by default)
 
@@ -8,7 +8,7 @@ L layers, D MTP depths.
 `forward` serves training (no cache: SDPA causal attention, MTP logits, router statistics with the
 balance loss) and inference (a `LatentCache`: per-row positions, absorbed attention for decoding). It is the
 plain reference: the engine's decoding speed-ups are applied from outside it (nanoseek/infer/fastpath/).
-Parameter names mirror `DeepseekV3ForCausalLM` (spec section 10); model/hf_keys.py maps the two differences
+Parameter names mirror transformers' `DeepseekV3ForCausalLM`; model/hf_keys.py maps the two differences
 (stacked experts, MTP depth k at layer L + k - 1) for `hf_state_dict` / `load_hf_state_dict`.
 """
 
@@ -24,9 +24,7 @@ from nanoseek.model import hf_keys
 from nanoseek.model.block import Block
 from nanoseek.model.mla import LatentCache
 from nanoseek.model.moe import Experts, Gate, MoE, RouterStats
-from nanoseek.model.cross_entropy import linear_cross_entropies
-from nanoseek.model.embedding import Embedding
-from nanoseek.model.workspace import Workspace
+from nanoseek.model.head import Head
 from nanoseek.model.mtp import MTP, mtp_targets
 from nanoseek.model.norm import RMSNorm
 from nanoseek.model.rope import rope_table
@@ -46,17 +44,15 @@ class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Head(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         L = cfg.num_hidden_layers
         self.mtp = nn.ModuleList(MTP(cfg, L + k) for k in range(cfg.num_nextn_predict_layers))
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
-        # the head's chunk buffer and gradient memory, one per loss (main, then MTP depth k): model/workspace.py
-        self._workspaces = [Workspace() for _ in range(1 + cfg.num_nextn_predict_layers)]
         self.init_weights()
 
     # ------------------------------------------------------------------ setup
@@ -112,8 +108,7 @@ class Transformer(nn.Module):
                 logits_at: torch.Tensor | None = None, attn_mask: torch.Tensor | None = None) -> ModelOutput:
         """input_ids (b, s). positions (b, s): defaults to 0..s-1 (and must be given with a cache).
         Without a cache: causal attention over the s tokens, MTP outputs (if `mtp`) and balance losses.
-        labels (b, s) (labels[:, i] = t_{i+1}, -100 = ignore): return losses instead of logits, computed by
-        `linear_cross_entropy` without materializing the logits. logits_at (b, k): only the logits at these
+        labels (b, s) (labels[:, i] = t_{i+1}, -100 = ignore): return losses instead of logits (`Head.losses`). logits_at (b, k): only the logits at these
         indices along s, (b, k, V) (prefill needs the last prompt position only). attn_mask (b, s, s) bool,
         without a cache: True where query i may see key j, instead of causal (sequences packed into one row, each
         with its own `positions`); every query must see at least one key; no MTP."""
@@ -162,8 +157,7 @@ class Transformer(nn.Module):
                 if stats is not None:
                     router.append(stats)
         if labels is not None:
-            out.loss, *out.mtp_losses = linear_cross_entropies(heads, self.lm_head.weight,
-                                                              workspaces=self._workspaces[:len(heads)])
+            out.loss, *out.mtp_losses = self.lm_head.losses(heads)
         return out
 
     @torch.no_grad()

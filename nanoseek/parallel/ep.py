@@ -1,4 +1,4 @@
-"""Expert parallelism (paper section 3.2, "64-way EP"; torchtitan's AllToAllTokenDispatcher in plain PyTorch).
+"""Expert parallelism (DeepSeek-V3 report §3.2, "64-way EP"; torchtitan's AllToAllTokenDispatcher in plain PyTorch).
 
 The E routed experts of a MoE layer are split over an expert-parallel group of P ranks: rank j holds
 experts [j E/P, (j+1) E/P). Each rank routes its own tokens (the gate, shared experts and attention stay
@@ -13,7 +13,7 @@ data parallel), then
 
 Both all-to-alls are autograd functions (functional collectives' all_to_all_single_autograd, as in
 torchtitan), so the backward sends the gradients back along the same routes. Left out: DeepEP's kernels, FP8 dispatch,
-redundant experts (EPLB) and overlapping the exchange with compute (perf-notes section 1).
+redundant experts (EPLB) and overlapping the exchange with compute (DeepSeek-V3 report §3.2.1-3.2.2, §3.3.3, §3.4).
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from torch import nn
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
 from nanoseek.model.moe import Experts
-from nanoseek.model.workspace import Workspace
 
 
 class ExpertParallel(Experts):
@@ -46,7 +45,6 @@ class ExpertParallel(Experts):
         block = slice(self.expert_offset, self.expert_offset + self.n_local)
         self.gate_up_proj = nn.Parameter(experts.gate_up_proj.detach()[block].clone())
         self.down_proj = nn.Parameter(experts.down_proj.detach()[block].clone())
-        self._workspaces = (Workspace(), Workspace())
 
     def global_shape(self, local: torch.Tensor) -> torch.Size:
         """Shape of the whole layer's tensor of which `local` (a parameter or its optimizer state) is a block."""

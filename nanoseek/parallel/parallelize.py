@@ -1,6 +1,6 @@
 """Data parallel (FSDP2) plus expert parallel, applied to a plain single-device model from outside.
 
-Layout (torchtitan's "dp2ep", DeepSeek-V3's EP inside DP; perf-notes section 5). W ranks, each reading its
+Layout (torchtitan's "dp2ep"; DeepSeek-V3's EP inside ZeRO-1 DP, DeepSeek-V3 report §3.2). W ranks, each reading its
 own slice of every global batch, form a 2-D mesh (dp, ep) with dp = W / ep:
 
     ranks  [[0 .. ep-1], [ep .. 2ep-1], ...]     a row is an expert-parallel group (consecutive ranks:

@@ -1,4 +1,4 @@
-"""`nanoseek distill`: rejection sampling and distillation (R1 section 2.4; r1-spec section 3).
+"""`nanoseek distill`: rejection sampling and distillation (R1 paper §2.3.3, §2.4).
 
     1. the teacher samples k completions for each of `prompts` training-split problems (the inference
        engine, continuous batching; T and top-p as configured)

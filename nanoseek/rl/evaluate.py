@@ -1,4 +1,4 @@
-"""Held-out evaluation (r1-spec section 6): greedy accuracy, pass@1 over k samples, maj@k, pass@k.
+"""Held-out evaluation (R1 paper §3's conventions): greedy accuracy, pass@1 over k samples, maj@k, pass@k.
 
 For each problem one greedy completion and k sampled ones (R1: T = 0.6, top-p = 0.95), all queued into one
 Engine so continuous batching keeps its rows full. Each sample has its own seed, a hash of (seed, prompt,
@@ -9,7 +9,7 @@ distillation); completions, after the think block the prompt opened, are scored 
 
     greedy     mean over problems of the greedy completion's accuracy
     pass@1     (1/n) sum_q c_q / k, with the standard error over questions std(c_q / k) / sqrt(n) (R1's pass@1)
-    maj@k      the most frequent canonical final answer among the k samples is scored (r1-spec 6 [proposal]):
+    maj@k      the most frequent canonical final answer among the k samples is scored (R1 paper §3's cons@k):
                integers canonical ("007" -> "7"), unparseable answers do not vote, none -> wrong, ties -> the
                answer of the earliest sample
     pass@j     unbiased (Chen et al. 2021): 1 - C(k - c, j) / C(k, j), averaged, for j in {1, 4, k}, j <= k

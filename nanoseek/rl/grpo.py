@@ -1,4 +1,4 @@
-"""GRPO (DeepSeekMath section 4.1; DeepSeek-R1 eq. 1-3) with the variants of r1-spec section 1: the
+"""GRPO (DeepSeekMath §4.1; R1 paper §2.2.1, eq. 1-3) with the variants of TRL, DAPO and Dr. GRPO: the
 configuration and the loss math. The loop that samples, scores and updates is rl/loop.py.
 
 For each prompt, G completions o_1..o_G are sampled from pi_old with rewards r_i (one per completion,
@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from nanoseek.kernels import Settings as KernelSettings
 from nanoseek.train.config import OptimConfig
 
 ADVANTAGES = ("grpo", "dr_grpo")
@@ -82,6 +83,7 @@ class GRPOConfig:
     ckpt_every: int = 10
     keep_last: int = 2
     price_per_hour: float = 2.0
+    kernels: KernelSettings = field(default_factory=KernelSettings)  # nanoseek/kernels; config.json records gemm's
 
     def __post_init__(self):
         from nanoseek.data.tasks import check_template

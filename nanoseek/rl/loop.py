@@ -1,4 +1,4 @@
-"""`nanoseek rl`: the GRPO loop (r1-spec section 1.7) on verifiable tasks.
+"""`nanoseek rl`: the GRPO loop (DeepSeekMath §4.1; R1 paper §2.2.1) on verifiable tasks.
 
     for each step:
         P prompts from the task mix (train split, drawn from (seed, step): exact resume needs no data state)
@@ -18,6 +18,7 @@ log-probs are recomputed on the training path (TRL does the same), so the ratio 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import time
@@ -32,6 +33,7 @@ from nanoseek.cost import inference_flops_per_token, run_compute, train_flops_pe
 from nanoseek.peak import Peak, gemm_peak, honest_peak
 from nanoseek.data.tasks import Problem, get_task, make_rng
 from nanoseek.data.tokenizer import Tokenizer
+from nanoseek import kernels
 from nanoseek.hf import load_pretrained
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
@@ -45,6 +47,7 @@ from nanoseek.runs import latest_checkpoint, load_tensors
 from nanoseek.runtime import MetricsLog, resolve_device
 from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
 from nanoseek.train.config import flatten_table, read_toml
+from nanoseek.train.loop import resolve_kernels
 from nanoseek.train.optim import build_optimizer, lr_at
 
 REFERENCE = "reference.safetensors"
@@ -290,6 +293,7 @@ def run_grpo(cfg: GRPOConfig, resume: bool = False, quiet: bool = False) -> GRPO
     model, tok = pre.model, pre.tokenizer
     rewards = Rewards({"accuracy": cfg.accuracy_weight, "format": cfg.format_weight},
                       [f for f in cfg.reward_fns.split(",") if f.strip()])
+    cfg = dataclasses.replace(cfg, kernels=kernels.apply(model, resolve_kernels(cfg.kernels, ckpt)))
     torch.manual_seed(cfg.seed)
     model.mtp.requires_grad_(False)  # RL trains the main model only; MTP keeps drafting from its pretraining
     optimizer = build_optimizer(model, cfg.optim)

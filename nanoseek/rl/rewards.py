@@ -1,4 +1,4 @@
-"""Rule-based rewards (R1 section 2.2.2; r1-spec 2.1, 2.2, 4.3): accuracy, format, and user reward functions.
+"""Rule-based rewards (R1 paper §2.2.2): accuracy, format, and user reward functions.
 
 A completion is the decoded assistant text after the prompt, end-of-text stripped, with the think block the
 prompt opened put back in front (`Prompt.opener`, rl/evaluate.py: R1's template ends with `<think>\\n`), e.g.
@@ -10,14 +10,14 @@ prompt opened put back in front (`Prompt.opener`, rl/evaluate.py: R1's template 
     accuracy  1 iff the answer passes the task's checker. The answer is the stripped content of the one
               <answer> block after the reasoning (the text after </think>, or the whole text when there are
               no think tags). None, so no credit, when there is no such block, more than one <answer> tag
-              anywhere (r1-spec 4.3: > 1 answer block -> 0), an answer only inside <think>, or broken think
-              tags (repeated, nested, unclosed, out of order).
+              anywhere, an answer only inside <think>, or broken think tags (repeated, nested, unclosed,
+              out of order).
     other extractors (per problem, `problem.extractor`: boxed, gsm8k, a user "module:function"; answers.py)
               read the answer from the text after the one <think>...</think> (the whole text when there are
               no think tags; None for broken think tags), so the reasoning is never searched; format is 1
               iff that reasoning block is there, closed, and an answer follows it (R1: "within a box").
-    total     sum_i w_i r_i. R1 adds accuracy and format with the same weight (Nature eq.4); the default here
-              is TinyZero's accuracy 1.0, format 0.1, so format cannot dominate (r1-spec 4.3).
+    total     sum_i w_i r_i. R1 adds accuracy and format with the same weight (R1 in Nature, eq. 4); the default here
+              is TinyZero's accuracy 1.0, format 0.1, so format cannot dominate.
 
 Checkers: a built-in family uses its own `Task.check` (integers of <= 12 ASCII digits; countdown: an `ast`
 parse of + - * / over the given numbers). A JSONL user task (`problem.task` = "jsonl:<stem>") is free-form:

@@ -23,6 +23,7 @@ from pathlib import Path
 from nanoseek.config import PRESETS, ModelConfig, apply_overrides
 from nanoseek.data.builtin import get_mix
 from nanoseek.data.loader import LOSS_ON
+from nanoseek.kernels import Settings as KernelSettings
 from nanoseek.model.fp8 import SCALE_FMTS
 
 SCHEDULES = ("v3", "wsd", "cosine", "constant")
@@ -32,12 +33,12 @@ MOMENTS_DTYPES = ("fp32", "bf16")
 
 @dataclass
 class OptimConfig:
-    """AdamW (paper section 4.2: beta 0.9/0.95, weight decay 0.1 on matrices only) and the LR schedule.
+    """AdamW (DeepSeek-V3 report §4.2: beta 0.9/0.95, weight decay 0.1 on matrices only) and the LR schedule.
 
     v3:   linear warmup, constant, cosine decay to min_lr_ratio * lr over the last decay_frac of the steps
     wsd:  linear warmup, constant (stable), linear decay to min_lr_ratio * lr over the last decay_frac
     cosine: warmup then cosine over all remaining steps; constant: warmup then constant
-    moments_dtype: "bf16" keeps AdamW's m and v in bf16, as V3 (paper section 3.3.3); "fp32" torch's AdamW
+    moments_dtype: "bf16" keeps AdamW's m and v in bf16, as V3 (DeepSeek-V3 report §3.3.3); "fp32" torch's AdamW
     """
 
     lr: float = 3e-3
@@ -109,7 +110,7 @@ class TrainConfig:
     # (nanoseek.model.fp8_linear), the rest in `dtype`; fp8_scale_fmt "ue8m0": power-of-two scales
     precision: str = "default"
     fp8_scale_fmt: str = "fp32"
-    # V3 losses (paper section 4.2): L = L_main + lambda L_MTP + alpha sum L_Bal
+    # V3 losses (DeepSeek-V3 report §4.2): L = L_main + lambda L_MTP + alpha sum L_Bal
     mtp_lambda: float = 0.3
     mtp_lambda_late: float = 0.1  # V3: 0.3 for the first 10T tokens, then 0.1
     mtp_lambda_switch: float = 0.676  # fraction of the steps (10 / 14.8)
@@ -129,6 +130,8 @@ class TrainConfig:
     # under torchrun (nanoseek/parallel): batch_size is the global batch, split over the ranks
     ep: int = 1  # expert-parallel degree: routed experts split over groups of ep ranks (1 = off)
     dist_timeout: float = 600.0  # seconds a collective may wait for the other ranks before the job stops
+    # the kernels applied to the model (nanoseek/kernels): config.json records gemm's resolved library
+    kernels: KernelSettings = field(default_factory=KernelSettings)
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "ckpt_every", "keep_last"):
@@ -176,7 +179,7 @@ class TrainConfig:
     def from_dict(cls, d: dict) -> TrainConfig:
         d = dict(d)
         return cls(model=ModelConfig(**d.pop("model")), optim=OptimConfig(**d.pop("optim")),
-                   data=DataConfig(**d.pop("data")), **d)
+                   data=DataConfig(**d.pop("data")), kernels=KernelSettings(**d.pop("kernels", {})), **d)
 
 
 def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:

@@ -1,6 +1,6 @@
 """The pretraining loop: V3's losses, AdamW, auxiliary-loss-free balancing, validation, checkpoints.
 
-Per optimizer step (paper sections 2.1.2, 2.2, 4.2):
+Per optimizer step (DeepSeek-V3 report §2.1.2, §2.2, §4.2):
     L = L_main + lambda * (1/D) sum_k L_MTP^k + alpha * sum_layers L_Bal       (averaged over micro-batches)
     clip ||grad|| to 1.0;  AdamW step;  then for every MoE layer, from the step's token counts c:
     b_i <- b_i + gamma * sign(mean(c) - c_i)                                    (the bias is not a parameter)
@@ -37,10 +37,11 @@ from nanoseek.parallel.parallelize import (Parallel, all_reduce_mean, clip_grad_
                                     collective_failure, failed_collective, init_parallel, launched,
                                     loss_weights, parallelize)
 from nanoseek.hf import load_pretrained, locate
+from nanoseek import kernels
 from nanoseek.model import Transformer
 from nanoseek.model.fp8_linear import Recipe, to_fp8
 from nanoseek.report import compute_rows, plot_training, read_metrics, write_report
-from nanoseek.runs import CheckpointError, latest_checkpoint
+from nanoseek.runs import CheckpointError, latest_checkpoint, read_state
 from nanoseek.runtime import MetricsLog, resolve_device
 from nanoseek.train.checkpoint import load_checkpoint, save_checkpoint
 from nanoseek.train.config import TrainConfig
@@ -136,14 +137,14 @@ class _NoLog:
 @dataclass
 class TrainResult:
     """A finished run: what `train` returns, and what `run` adds for report.md (config, tokenizer, sections)."""
-    model: Transformer | None  # the final weights as one plain model; None on ranks other than 0
+    model: Transformer | None  # the final weights in one process's model (kernels applied); None off rank 0
     last: dict  # the last step record of metrics.jsonl ({} if no step ran)
     elapsed: float  # seconds of training, resumed parts included
     flops_per_token: float  # training, with MTP
     peak: Peak  # the GEMM peak per device that MFU is measured against (rank 0), and where it came from
     rank: int = 0
     world: int = 1
-    config: TrainConfig | None = None  # run(): the config as trained (vocabulary from the tokenizer)
+    config: TrainConfig | None = None  # the config as trained (vocabulary from the tokenizer, kernels resolved)
     tokenizer: Tokenizer | None = None
     sections: dict[str, dict] = field(default_factory=dict)  # run(): report.md's tables
     report: Path | None = None
@@ -184,6 +185,7 @@ def _train(cfg: TrainConfig, shard_dir: Path, resume: bool, quiet: bool, init, p
         init = functools.partial(_init_from, cfg.init)
     if init is not None:
         init(model)
+    cfg = dataclasses.replace(cfg, kernels=kernels.apply(model, resolve_kernels(cfg.kernels, latest_checkpoint(run) if resume else None, par)))
     if par:
         parallelize(model, par, bf16=uses_bf16(device, cfg.dtype))
     optimizer = build_optimizer(model, cfg.optim)
@@ -298,7 +300,19 @@ def _train(cfg: TrainConfig, shard_dir: Path, resume: bool, quiet: bool, init, p
     log.close()
     if par:  # the final weights as one plain model (what inference and evaluation take), on rank 0
         model = load_pretrained(latest_checkpoint(run), device=device).model.train() if rank == 0 else None
-    return TrainResult(model, record, elapsed, flops_per_token, peak, rank, world)
+    return TrainResult(model, record, elapsed, flops_per_token, peak, rank, world, config=cfg)
+
+
+def resolve_kernels(settings: kernels.Settings, ckpt: Path | None, par: Parallel | None = None
+                    ) -> kernels.Settings:
+    """The run's kernel settings with "auto" resolved: a resumed run (from checkpoint `ckpt`) takes the library
+    its config recorded; under torchrun every rank takes rank 0's."""
+    recorded = read_state(ckpt)["config"].get("kernels") if ckpt is not None else None
+    if par is None:
+        return kernels.resolve(settings, recorded)
+    choice = [kernels.resolve(settings, recorded) if par.rank == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    return choice[0]
 
 
 @torch.no_grad()
@@ -340,7 +354,6 @@ def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> TrainRes
     quiet = quiet or int(os.environ.get("RANK", "0")) != 0
     cfg, shard_dir, tok = resolve_data(cfg, progress=not quiet)
     result = train(cfg, shard_dir, resume=resume, quiet=quiet)
-    result.config = cfg
     if result.rank != 0:
         return result
     run_dir = Path(cfg.out_dir)
@@ -354,7 +367,7 @@ def run(cfg: TrainConfig, resume: bool = False, quiet: bool = False) -> TrainRes
         "Run": {"model": f"{cfg.preset}: {cfg.model.summary()}", "data": str(shard_dir),
                 "steps": f"{last.get('step', cfg.steps)} x {cfg.tokens_per_step:,} tokens", "tokens": f"{tokens:,}",
                 "final train loss": last.get("loss"), "final validation loss": evals[-1]["val_loss"] if evals else None,
-                "wall time": f"{result.elapsed:.0f} s"},
+                "wall time": f"{result.elapsed:.0f} s", "kernels": kernels.describe(result.config.kernels)},
         "Compute": {"FLOPs per token (training, with MTP)": f"{result.flops_per_token / 1e6:.1f} MFLOP",
                     "device": f"{result.world} x {device}" if result.world > 1 else str(device),
                     **compute_rows(run_compute(result.flops_per_token, tokens, result.elapsed, result.world,

@@ -1,8 +1,8 @@
-"""AdamW with V3's settings and the learning-rate schedules (paper section 4.2).
+"""AdamW with V3's settings and the learning-rate schedules (DeepSeek-V3 report §4.2).
 
 Weight decay applies to matrices only (every parameter with >= 2 dims: projections, stacked experts,
 embedding, head); norms get none. The router bias is a buffer, outside the optimizer.
-optim.moments_dtype="bf16": `LowPrecisionAdamW` keeps m and v in bf16 (paper section 3.3.3), fp32 master weights.
+optim.moments_dtype="bf16": `LowPrecisionAdamW` keeps m and v in bf16 (DeepSeek-V3 report §3.3.3), fp32 master weights.
 """
 
 from __future__ import annotations

@@ -1,13 +1,18 @@
-"""model/attention.py: the blocked causal kernel equals SDPA in values and gradients, and is chosen where it runs."""
+"""kernels/attention.py: the blocked causal kernel equals SDPA in values and gradients, is chosen where it runs,
+and a model with BlockedMLA trains and prefills as the plain one."""
+
+import copy
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek import ModelConfig, Transformer
-from nanoseek.model import attention
-from nanoseek.model.attention import BlockCausal, causal_attention
-from nanoseek.model.mla import MLA
+from nanoseek import ModelConfig, Transformer, kernels
+from nanoseek.kernels import attention
+from nanoseek.kernels.attention import BlockCausal, BlockedMLA, causal_attention
+from tests.conftest import tiny_model
+
+BLOCKED = kernels.Settings(gemm="blas", attention="blocked", head="plain", experts="plain")
 
 
 def qkv(b, h, s, d_qk=12, d_v=8, dtype=torch.float64, seed=0):
@@ -71,23 +76,34 @@ def test_without_grad_runs_sdpa():
     torch.testing.assert_close(out, reference(q, k, v, 0.2), rtol=1e-5, atol=1e-6)
 
 
-def test_training_step_equals_plain_sdpa(monkeypatch):
+def step(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids[:, :-1], labels=ids[:, 1:])
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_training_step_equals_plain_sdpa():
     """A forward + backward of a tiny model at 130 tokens (three blocks): same loss and gradients as plain SDPA."""
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", num_nextn_predict_layers=0)
-    model = Transformer(cfg)
-    ids = torch.randint(0, cfg.vocab_size, (2, 131))
-
-    def step():
-        model.zero_grad(set_to_none=True)
-        out = model(ids[:, :-1], labels=ids[:, 1:])
-        out.loss.backward()
-        return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-    fused_loss, fused = step()
-    monkeypatch.setattr(MLA, "fused_attention", False)
-    plain_loss, plain = step()
+    model = Transformer(ModelConfig.preset("tiny", num_nextn_predict_layers=0))
+    blocked = copy.deepcopy(model)
+    kernels.apply(blocked, BLOCKED)
+    assert type(blocked.layers[0].self_attn) is BlockedMLA
+    ids = torch.randint(0, model.config.vocab_size, (2, 131))
+    fused_loss, fused = step(blocked, ids)
+    plain_loss, plain = step(model, ids)
     torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-6, atol=1e-6)
     assert fused.keys() == plain.keys()
     for name in plain:
         torch.testing.assert_close(fused[name], plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_prefill_equals_plain_sdpa():
+    """Without autograd: SDPA with V padded for the CPU flash kernel, against the plain model's SDPA."""
+    model = tiny_model()
+    blocked = copy.deepcopy(model)
+    kernels.apply(blocked, BLOCKED)
+    ids = torch.randint(0, 512, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(blocked(ids).logits, model(ids).logits, atol=1e-5, rtol=1e-5)

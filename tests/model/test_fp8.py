@@ -60,7 +60,7 @@ def test_an_fp8_checkpoint_in_v3_format_loads_dequantized(tiny_run, tmp_path):
         load_pretrained(bad)
 
 
-# ---------------------------------------------------------------------- quantization (spec section 8)
+# ---------------------------------------------------------------------- quantization (DeepSeek-V3 report §3.3.2)
 from nanoseek.model.fp8 import FP8_WEIGHTS, block_scale, fake_quantize  # noqa: E402
 from nanoseek.model.fp8_linear import (FP8Experts, FP8Linear, Operand, Recipe, fp8_grouped_mm,  # noqa: E402
                                        fp8_linear, gemm, quantize_operand, to_fp8)

@@ -43,7 +43,7 @@ def test_scores_depend_only_on_relative_position(interleave):
 
 
 def test_interleaved_equals_rotate_half_after_permutation():
-    """DeepSeek's pair layout (x0,x1),(x2,x3).. equals rotate-half on [x0,x2,..,x1,x3,..] (spec section 3)."""
+    """DeepSeek's pair layout (x0,x1),(x2,x3).. equals rotate-half on [x0,x2,..,x1,x3,..] (transformers' DeepseekV3 `rope_interleave=True` permutation)."""
     cfg = ModelConfig.preset("tiny")
     d = cfg.qk_rope_head_dim
     cos, sin = rope_table(cfg, 16)

@@ -32,7 +32,8 @@ def layer(skewed: bool) -> MoE:
 def inputs(rank: int, tokens: int):
     g = torch.Generator().manual_seed(100 + rank)
     x = torch.randn(1, tokens, CFG["hidden_size"], generator=g)
-    return x, torch.randn(x.shape, generator=g)  # upstream gradient: a real, contiguous one (perf-notes 5)
+    # upstream gradient: a real, contiguous one (_grouped_mm's backward rejects out.sum()'s stride-0 grad)
+    return x, torch.randn(x.shape, generator=g)
 
 
 def ep_rank(rank, world, out_dir):

@@ -19,7 +19,7 @@ from nanoseek.rl.rewards import accuracy_reward
 
 @pytest.mark.parametrize("text, want", [
     ("<think>1+1=2</think><answer>2</answer>", "2"),
-    ("<answer>3</answer> then <answer> 4 </answer>", None),  # several answer blocks: no answer (r1-spec 4.3)
+    ("<answer>3</answer> then <answer> 4 </answer>", None),  # several answer blocks: no answer
     ("<think>no answer</think>", None),
     ("<answer>\n12\n</answer>", "12"),
 ])

@@ -33,7 +33,7 @@ def test_k3_is_nonnegative_and_zero_when_policies_agree():
     ("constant", 1 / 4, [1 / 8, 1 / 8]),  # 1 / (B L_max)
 ])
 def test_loss_aggregation_hand_check(agg, value, weights):
-    """|o| = [2, 4], A = [+1, -1], rho = 1, beta = 0, L_max = 4 (r1-spec 1.5)."""
+    """|o| = [2, 4], A = [+1, -1], rho = 1, beta = 0, L_max = 4 (worked by hand)."""
     cfg = GRPOConfig(loss_agg=agg, max_completion_tokens=4)
     mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
     logp = torch.zeros(2, 4, requires_grad=True)

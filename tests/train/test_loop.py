@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from nanoseek.kernels import gemm
 from nanoseek.train import checkpoint as ckpt_mod
 from nanoseek.runs import CheckpointError
 from nanoseek.train.loop import resolve_data, run, train
@@ -155,3 +156,30 @@ def test_an_existing_run_is_never_overwritten(make_cfg):
     train(cfg, shard_dir, quiet=True)
     with pytest.raises(ValueError, match="already holds a run \\(last checkpoint step_000004\\); pass --resume"):
         train(cfg, shard_dir, quiet=True)
+
+
+@pytest.mark.skipif(gemm.onednn_product() is None, reason="this torch has no oneDNN")
+def test_a_resume_in_another_process_takes_the_recorded_gemm_library(make_cfg, tmp_path):
+    """Two processes: `nanoseek train` with kernels.gemm=onednn to step 8 records its library in config.json;
+    a second `nanoseek train --resume` with the default gemm=auto from step 4 takes the recorded library, not a
+    new measurement, and ends bit for bit where the first process did."""
+    cfg = make_cfg(out="full")
+    args = ["preset=tiny", f"data.path={cfg.data.path}", "steps=8", "batch_size=4", "data.seq_len=64",
+            "log_every=1", "eval_every=4", "eval_batches=2", "ckpt_every=4", "optim.warmup_steps=2",
+            "model.hidden_size=256", "model.moe_intermediate_size=128"]  # products large enough for oneDNN
+
+    def nanoseek_train(*extra):
+        subprocess.run([sys.executable, "-m", "nanoseek", "train", *args, *extra, "--quiet", "--eval-problems", "0"],
+                       check=True, capture_output=True, timeout=300)
+    nanoseek_train(f"out_dir={tmp_path / 'full'}", "kernels.gemm=onednn")
+    killed = tmp_path / "killed"
+    shutil.copytree(tmp_path / "full", killed)
+    shutil.rmtree(killed / "checkpoints" / "step_000008")
+    (killed / "checkpoints" / "latest").write_text("step_000004")
+    (killed / "config.json").unlink()  # the library must come from the checkpoint itself
+    nanoseek_train(f"out_dir={killed}", "--resume")
+    assert json.loads((killed / "config.json").read_text())["kernels"]["gemm"] == "onednn"
+    assert records(killed) == records(tmp_path / "full")
+    a = load_file(tmp_path / "full/checkpoints/step_000008/model.safetensors")
+    b = load_file(killed / "checkpoints/step_000008/model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -1,4 +1,4 @@
-"""Verifiable tasks: generated problem families (r1-spec 4.3) and user tasks from JSONL.
+"""Verifiable tasks: generated problem families (this project's, after TinyZero's) and user tasks from JSONL.
 
 Document format (the chat format of `nanoseek.data.tokenizer`, one problem per document; in the token
 stream each document is framed by <|begin_of_text|> ... <|end_of_text|>, which the shard writer adds):
@@ -19,21 +19,22 @@ right; `problem.meta` holds nums and target). `task.check(problem, answer)` is t
 predicate on an already extracted answer string; parsing completions and scoring them is the rewards'
 job (rl/rewards.py).
 
-Templates and answer formats (R1 section 2.2.3, r1-spec 2.3), per task (options `template`, `extractor`; every
-problem carries its task's): the template poses the prompt, `chat` (the model's chat template, user turn =
-prompt), `boxed` (chat, with R1's and DeepSeekMath's "Please reason step by step, and put your final answer
-within \\boxed{}." on a line after the prompt), `r1-zero` (R1-Zero's raw-text template, R1 Table 1, for base
-models) or any string with `{prompt}` (raw text); the extractor reads the answer, `answer_tag` (R1-Zero's
-<answer>...</answer>), `boxed`, `gsm8k` or a user "module:function" (answers.py). Built-in families default to
-chat + answer_tag, the format they are trained on. Options go in the task name too: "add?template=r1-zero",
-"gsm8k.jsonl?extractor=boxed&template=boxed" (values URL-quoted: %26 for &, %2C for a comma).
+Templates and answer formats (R1 paper §2.2.3; the DeepSeek-R1 README's usage notes), per task (options
+`template`, `extractor`; every problem carries its task's): the template poses the prompt, `chat` (the model's
+chat template, user turn = prompt), `boxed` (chat, with R1's and DeepSeekMath's "Please reason step by step, and
+put your final answer within \\boxed{}." on a line after the prompt), `r1-zero` (R1-Zero's raw-text template, R1
+paper Table 1, for base models) or any string with `{prompt}` (raw text); the extractor reads the answer,
+`answer_tag` (R1-Zero's <answer>...</answer>), `boxed`, `gsm8k` or a user "module:function" (answers.py).
+Built-in families default to chat + answer_tag, the format they are trained on. Options go in the task name too:
+"add?template=r1-zero", "gsm8k.jsonl?extractor=boxed&template=boxed" (values URL-quoted: %26 for &, %2C for a
+comma).
 
-Held-out split (r1-spec 4.3): a prompt is held out iff int(sha1(prompt)) % 10 == 0. It depends on the
+Held-out split: a prompt is held out iff int(sha1(prompt)) % 10 == 0. It depends on the
 prompt string only, so it is stable across runs, seeds and difficulty mixes; training data is drawn from
 the "train" split only and evaluation from "heldout".
 
-Imitation noise (r1-spec 4.2 item 4), add and sub only: with p_err > 0 each digit step of the written
-trace is off by one with probability p_err, and the written answer follows the (wrong) trace, while
+Imitation noise (the demo's design, docs/LOG.md), add and sub only: with p_err > 0 each digit step of the
+written trace is off by one with probability p_err, and the written answer follows the (wrong) trace, while
 `problem.answer` stays the true answer. Default 0: the built-in corpus is noise-free unless asked.
 """
 
@@ -112,7 +113,7 @@ R1_ZERO = ("A conversation between User and Assistant. The user asks a question,
            "assistant first thinks about the reasoning process in the mind and then provides the user with the "
            "answer. The reasoning process and answer are enclosed within <think> </think> and <answer> </answer> "
            "tags, respectively, i.e., <think> reasoning process here </think> <answer> answer here </answer>. "
-           "User: {prompt}. Assistant:")  # R1 Table 1, verbatim
+           "User: {prompt}. Assistant:")  # R1 paper Table 1, verbatim
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 TEMPLATES = {"chat": None, "boxed": None, "r1-zero": R1_ZERO}  # name -> raw text (None: the chat template)
 

@@ -1,4 +1,4 @@
-"""Reading a final answer out of text (R1 section 2.2.2: the "final answer in a specified format (e.g., within a
+"""Reading a final answer out of text (R1 paper §2.2.2: the "final answer in a specified format (e.g., within a
 box)"). One reader abstraction, named by a string, for model completions (rl/rewards.py reads the answer part,
 after </think>) and for the gold fields of task files (jsonl.py):
 

@@ -1,4 +1,4 @@
-"""T1: multi-digit addition / subtraction with a carry (borrow) scratchpad (r1-spec 4.3, the demo default).
+"""T1: multi-digit addition / subtraction with a carry (borrow) scratchpad (the demo default).
 
 Difficulty = digits per operand (1..5; level 1 uses 0..9). Both operands have the same number of digits;
 for subtraction the larger comes first, so results are >= 0. One step per digit, least significant first:

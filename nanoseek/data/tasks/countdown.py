@@ -1,4 +1,4 @@
-"""T2: countdown-mini (r1-spec 4.3, after TinyZero): combine every given number once with + - * / to hit a target.
+"""T2: countdown-mini (after TinyZero's Countdown): combine every given number once with + - * / to hit a target.
 
 Difficulty = how many numbers (2..4), each in 1..max_number. The generator combines the numbers pairwise
 in a random order with random operators, keeping only positive integer intermediates (exact division,

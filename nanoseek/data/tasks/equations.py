@@ -1,4 +1,4 @@
-"""T3: one-variable linear equations with an integer solution (r1-spec 4.3).
+"""T3: one-variable linear equations with an integer solution.
 
     level 1  ax+b=c,      a in 2..9, b in 1..30, x in 0..20        3x+5=26       26-5=21|21/3=7
     level 2  ax+b=c,      a in +-(2..9), b in +-(1..30), x in -20..20

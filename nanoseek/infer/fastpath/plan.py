@@ -4,7 +4,7 @@ as the math needs.
 A decode step at batch 1 streams every weight once (`small`: ~130 MB, ~5 ms on 2 cores) and runs a few hundred
 small ops; through the modules those cost as much again (2-15 us per eager op on CPU, ~1-2 us per module call
 or parameter lookup). `Plan` computes the same functions of the same parameters with fewer of them
-(docs/LOG.md, session 4):
+(docs/LOG.md):
 - it holds, per layer, the tensors a step reads, viewed once for the products (`gemv.blocked`), so a step
   makes no module calls and no weight views; rows stay 2-D (n = b s, H);
 - products that read the same rows share one GEMV operand (q_a / kv_a; router, shared and routed experts);
@@ -29,7 +29,7 @@ from torch import nn
 
 from nanoseek.infer.fastpath.gemv import blocked, each_rows_t, mul_wt, rows_t
 from nanoseek.infer.fastpath.ops import experts_few, rms_norm, rotate
-from nanoseek.model.gemm import Linear
+from nanoseek.model.head import Head
 from nanoseek.model.mla import absorbed, kv_b_views
 from nanoseek.model.moe import MLP, Experts, Gate, MoE
 from nanoseek.model.norm import RMSNorm
@@ -146,7 +146,8 @@ class _Block:
         return h.add_(self.ffn(x, rows_t(x)))
 
 
-_PLAIN = (nn.Linear, Linear, RMSNorm, MLP, MoE, Gate, Experts)  # module types the plan reads (subclasses: FP8, expert parallel)
+_PLAIN = (nn.Linear, Head, RMSNorm, MLP, MoE, Gate, Experts)  # module types the plan reads (subclasses: FP8, expert
+# parallel; a kernel's class, nanoseek/kernels, names the plain class it computes as `kernel_of`)
 
 
 class Plan:
@@ -160,7 +161,8 @@ class Plan:
         self._ptrs = [p.data_ptr() for p in self._params]
         self._mods, self._types = mods, [type(m) for m in mods]
         self.threads = torch.get_num_threads()
-        self.usable = all(type(m) in _PLAIN for m in mods if isinstance(m, (nn.Linear, *_PLAIN)))
+        self.usable = all(getattr(type(m), "kernel_of", type(m)) in _PLAIN for m in mods
+                          if isinstance(m, (nn.Linear, *_PLAIN)))
         if not self.usable:
             return
         blocks = self.threads if model.embed_tokens.weight.device.type == "cpu" else 1
