@@ -30,6 +30,8 @@ from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model import Transformer
 from nanoseek.model import hf_keys
 from nanoseek.model.fp8 import dequantize_blockwise, quantize_checkpoint
+from nanoseek.quant import QuantExperts, QuantLinear, Spec
+from nanoseek.quant.load import Staged, release_freed, shells
 from nanoseek.runs import latest_checkpoint
 
 
@@ -189,14 +191,37 @@ def _plan(model: Transformer, stored: dict[str, Stored]) -> tuple[dict[str, str]
     return plan, absent
 
 
+def _layout(model: Transformer, plan: dict[str, str]) -> dict[str, tuple[str, torch.Tensor]]:
+    """Checkpoint key -> (the state name it fills, the view of that tensor it fills), from the (meta) model."""
+    views, owner = _targets(model)
+    state = model.state_dict()
+    return {key: (owner[p], views[p]) if p in views else (p, state[p]) for key, p in plan.items()}
+
+
 @torch.no_grad()
-def _fill(model: Transformer, plan: dict[str, str], stored: dict[str, Stored], block) -> None:
+def _fill(model: Transformer, layout: dict[str, tuple[str, torch.Tensor]], stored: dict[str, Stored], block,
+          staged: dict[str, Staged]) -> None:
     """Read every planned tensor into the (materialized) model, file by file in byte order; one tensor at a
-    time is converted (dtype, FP8 dequantization) or staged on the host for another device."""
-    views, state, files = _targets(model)[0], model.state_dict(), {}
+    time is converted (dtype, FP8 dequantization) or staged on the host for another device. The weights in
+    `staged` are gathered in buffers of their own, one expert's at a time where the checkpoint keeps experts
+    apart, and handed over (quantized) as soon as each is complete: few are ever held in high precision."""
+    state, files, pending = model.state_dict(), {}, {}
     try:
-        for key in sorted(plan, key=lambda k: (stored[k].file, stored[k].offset)):
-            s, dest = stored[key], views.get(plan[key], state.get(plan[key]))
+        for key in sorted(layout, key=lambda k: (stored[k].file, stored[k].offset)):
+            name, view = layout[key]
+            offset = view.storage_offset()
+            if name in staged:
+                shape, take, per_row = staged[name]
+                row = math.prod(shape[1:])
+                unit, unit_shape = (name, None), shape
+                if per_row and view.numel() <= row:  # one expert's key
+                    unit, unit_shape, offset = (name, offset // row), shape[1:], offset % row
+                if unit not in pending:
+                    pending[unit] = [torch.empty(unit_shape, dtype=view.dtype), math.prod(unit_shape)]
+                base = pending[unit][0]
+            else:
+                base = state[name]
+            s, dest = stored[key], base.as_strided(view.shape, view.stride(), offset)
             scale = stored.get(key + "_scale_inv")
             if scale is None and s.dtype == dest.dtype and dest.device.type == "cpu" and dest.is_contiguous():
                 _read(s, files, dest)  # no copy: the file's bytes land in the parameter
@@ -205,6 +230,11 @@ def _fill(model: Transformer, plan: dict[str, str], stored: dict[str, Stored], b
                 dest.copy_(dequantize_blockwise(q, inv, block, dest.dtype))
             else:
                 dest.copy_(_read(s, files))
+            if name in staged:
+                pending[unit][1] -= view.numel()
+                if pending[unit][1] == 0:
+                    take(unit[1], pending.pop(unit)[0])
+                    release_freed()
     finally:
         for f in files.values():
             f.close()
@@ -236,28 +266,32 @@ def available_memory(device: torch.device) -> int | None:
     return None
 
 
-def _check_memory(cfg: ModelConfig, model: Transformer, stored: dict[str, Stored], plan: dict[str, str],
-                  device: torch.device, dtype: torch.dtype, where: Path) -> None:
-    """Print what the load needs (stderr) and refuse one that cannot fit: the weights, counted by
-    ModelConfig.num_params(), in `dtype` (plus the fp32 router biases) on `device`, and the largest tensor in
-    transit (converted, dequantized or staged on the host)."""
-    p = cfg.num_params()
-    n = p.total + p.mtp
-    weights = n * dtype.itemsize + sum(b.numel() * b.element_size() for b in model.buffers())
+def _check_memory(model: Transformer, stored: dict[str, Stored], plan: dict[str, str], device: torch.device,
+                  dtype: torch.dtype, where: Path, staged: dict, spec: Spec | None) -> None:
+    """Print what the load needs (stderr) and refuse one that cannot fit: the meta model's tensors in their
+    dtypes on `device`, the quantized modules' packed bytes, and what is in transit: the largest tensor read
+    (converted, dequantized or staged on the host) and the largest weight gathered for quantization."""
+    n = model.config.num_params()
+    n = n.total + n.mtp
+    weights = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    weights += sum(m.nbytes() for m in model.modules() if isinstance(m, (QuantLinear, QuantExperts)))
     transit = max([stored[k].nbytes + (16 * stored[k].nbytes if k + "_scale_inv" in stored else 0)
                    for k in plan if stored[k].dtype != dtype or device.type != "cpu"], default=0)
+    transit += max([math.prod(w.shape[1:] if w.per_row else w.shape) * dtype.itemsize for w in staged.values()],
+                   default=0)
     needs = {"RAM": weights + transit} if device.type == "cpu" else {"RAM": transit, str(device): weights + transit}
     free = {kind: available_memory(torch.device("cpu") if kind == "RAM" else device) for kind in needs}
     gib = lambda b: f"{b / 2**30:.2f} GiB"  # noqa: E731
-    print(f"nanoseek: loading {where}: {fmt_count(n)} parameters in {str(dtype)[6:]} = {gib(weights)} on "
-          f"{device} (+ up to {gib(transit)} per tensor in transit); available: "
+    form = str(dtype)[6:] if spec is None else f"{spec.name} (kept tensors in {str(dtype)[6:]})"
+    print(f"nanoseek: loading {where}: {fmt_count(n)} parameters in {form} = {gib(weights)} on "
+          f"{device} (+ up to {gib(transit)} in transit); available: "
           + ", ".join(f"{'?' if free[k] is None else gib(free[k])} {k}" for k in needs), file=sys.stderr)
     for kind, need in needs.items():
         if free[kind] is not None and need > free[kind]:
-            raise ValueError(f"{where}: the model needs {gib(need)} of {kind} ({fmt_count(n)} parameters x "
-                             f"{dtype.itemsize} bytes in {str(dtype)[6:]}, + {gib(transit)} in transit) but only "
-                             f"{gib(free[kind])} is available; load it in a smaller dtype, on another device or "
-                             f"with more free memory")
+            raise ValueError(f"{where}: the model needs {gib(need)} of {kind} ({fmt_count(n)} parameters in "
+                             f"{form}, + {gib(transit)} in transit) but only {gib(free[kind])} is available; "
+                             f"load it quantized (--quantize int8|int4), in a smaller dtype, on another device "
+                             f"or with more free memory")
 
 
 def _load_dtype(dtype: torch.dtype | str | None, config: dict, stored: dict[str, Stored]) -> torch.dtype:
@@ -300,15 +334,19 @@ def locate(path: str | Path) -> tuple[Path, Path, ModelConfig]:
 
 
 def load_pretrained(path: str | Path, device: str | torch.device | None = "cpu",
-                    dtype: torch.dtype | str | None = None, needs_tokenizer: str | None = None) -> Pretrained:
+                    dtype: torch.dtype | str | None = None, needs_tokenizer: str | None = None,
+                    quantize: Spec | None = None) -> Pretrained:
     """Load a model (and its tokenizer, when the directory has one) ready for inference. device None: cuda
     when available, else cpu. dtype None or "auto": the checkpoint's (`_load_dtype`), or a torch.dtype or its
     name ("bfloat16"). needs_tokenizer names the use that requires a tokenizer.json (an error otherwise).
+    quantize: int8 / int4 weights (nanoseek.quant), each quantized as it is read (CPU only).
 
     The model is built on the meta device (no random init) and filled tensor by tensor from the safetensors
     files, each read straight into its parameter when the dtype matches (no copy of the whole checkpoint on
     the host). What the load needs is printed to stderr first; a load that cannot fit is refused."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if quantize is not None and device.type != "cpu":
+        raise ValueError(f"--quantize {quantize.name} runs on torch's CPU kernels; device {device} is not the CPU")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: this machine (torch {torch.__version__}) has no usable CUDA GPU")
     run, weights, cfg = locate(path)
@@ -326,14 +364,16 @@ def load_pretrained(path: str | Path, device: str | torch.device | None = "cpu",
         model = Transformer(cfg).to(dtype)  # the router biases stay fp32 (Gate._apply)
     try:
         plan, absent = _plan(model, stored)
+        layout = _layout(model, plan)
+        staged = {} if quantize is None else shells(model, quantize)
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from None
-    _check_memory(cfg, model, stored, plan, device, dtype, weights)
+    _check_memory(model, stored, plan, device, dtype, weights, staged, quantize)
     model = _materialize(model, device)
     if absent:
         print(f"nanoseek: {weights} lacks {len(absent)} buffers ({absent[0]}, ...): they start at zero",
               file=sys.stderr)
-    _fill(model, plan, stored, tuple(block))
+    _fill(model, layout, stored, tuple(block), staged)
     model.eval()
     tokenizer = Tokenizer.load(run) if (run / "tokenizer.json").is_file() else None
     if tokenizer is None and needs_tokenizer:

@@ -22,11 +22,13 @@ ALLOWED = {
     "table": set(),  # tables of marked values, as text or JSON
     "cost_report": {"config", "cost", "peak", "table"},  # the formulas' tables (`nanoseek cost`)
     "plan": {"config", "cost", "peak", "table"},
-    "hf": {"config", "data", "model", "runs"},  # model folders in and out
+    "quant": {"config", "model"},  # int8 / int4 weights swapped into a built model from outside (quant.quantize)
+    "hf": {"config", "data", "model", "quant", "runs"},  # model folders in and out
     "parallel": {"config", "model", "runs"},  # applied to a plain model from outside
-    "infer": {"config", "data", "hf", "kernels", "model"},  # serving knows no training, RL or distribution
+    "infer": {"config", "data", "hf", "kernels", "model", "quant"},  # serving knows no training, RL or distribution
     "train": {"config", "cost", "data", "hf", "kernels", "parallel", "model", "peak", "report", "runs", "runtime"},
-    "rl": {"config", "cost", "data", "hf", "infer", "kernels", "model", "peak", "report", "runs", "runtime", "train"},
+    "rl": {"config", "cost", "data", "hf", "infer", "kernels", "model", "peak", "quant", "report", "runs", "runtime",
+           "train"},
     "demo": {"config", "cost", "hf", "report", "rl", "runs", "train"},
     "cli": None,  # the top: anything
     "__main__": {"cli"},

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 from nanoseek import Transformer
 from nanoseek.config import yarn_example
 from nanoseek.hf import load_pretrained, locate
+from nanoseek.quant import Spec, quantize
 from tests.conftest import tiny_model
 
 
@@ -128,8 +129,8 @@ def test_the_memory_a_load_needs_is_printed_and_checked(tmp_path, capfd, monkeyp
     err = capfd.readouterr().err
     assert err.count("nanoseek: loading") == 1 and "parameters in bfloat16" in err and "GiB RAM" in err
     monkeypatch.setattr("nanoseek.hf.available_memory", lambda device: 1000)
-    with pytest.raises(ValueError, match=r"the model needs 0.00 GiB of RAM \(\d+.\d+K parameters x 2 bytes in "
-                                         r"bfloat16.*but only 0.00 GiB is available"):
+    with pytest.raises(ValueError, match=r"the model needs 0.00 GiB of RAM \(\d+.\d+K parameters in "
+                                         r"bfloat16.*but only 0.00 GiB is available; load it quantized"):
         load_pretrained(tmp_path)
 
 
@@ -181,6 +182,75 @@ def test_a_bf16_load_holds_no_fp32_copy(tmp_path):
     above, bf16 = out.stdout.split()
     assert bf16 == "True"
     assert int(above) < 1.3 * weights + (8 << 20), (int(above) / 2**20, weights / 2**20)
+
+
+@pytest.mark.parametrize("spec", [Spec(8), Spec(4, 32)], ids=lambda s: s.name)
+@pytest.mark.parametrize("form", ["shards", "fp8", "stacked"])
+def test_a_quantized_load_equals_quantizing_the_loaded_model(tmp_path, spec, form):
+    """Each weight quantized as it streams (hf._fill's staging) = the whole model loaded, then quantized: in
+    shards, from V3's FP8 format (no bf16 copy of the model) and from stacked expert keys."""
+    model = tiny_model()
+    sd = save_hf(model, tmp_path, torch.bfloat16, shard_bytes=200_000 if form == "shards" else None)
+    if form == "fp8":
+        from nanoseek.model.fp8 import quantize_checkpoint
+
+        save_file(quantize_checkpoint({k: v.float() for k, v in sd.items()}, block=16), tmp_path / "model.safetensors")
+        config = json.loads((tmp_path / "config.json").read_text())
+        config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [16, 16]}
+        (tmp_path / "config.json").write_text(json.dumps(config))
+    elif form == "stacked":
+        stacked = {k: v for k, v in sd.items() if ".experts." not in k}
+        stacked.update({f"model.{n}": t.to(torch.bfloat16) for n, t in model.state_dict().items() if ".experts." in n})
+        save_file(stacked, tmp_path / "model.safetensors")
+    streamed = load_pretrained(tmp_path, quantize=spec).model
+    whole = quantize(load_pretrained(tmp_path).model, spec)
+    a, b = streamed.state_dict(), whole.state_dict()
+    assert sorted(a) == sorted(b) and any(k.endswith("experts.gate_up_proj_7_q") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_quantize_off_the_cpu_is_a_clear_error(tmp_path):
+    save_hf(tiny_model(), tmp_path)
+    with pytest.raises(ValueError, match="runs on torch's CPU kernels; device cuda"):
+        load_pretrained(tmp_path, device="cuda", quantize=Spec(8))
+
+
+QUANTIZED_PEAK = textwrap.dedent("""
+    import sys, torch
+    from nanoseek.hf import load_pretrained
+    from nanoseek.quant import Spec, nbytes
+
+    def peak_rss():
+        return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+
+    load_pretrained(sys.argv[1], quantize=Spec(4, 32))  # warm-up, as in PEAK
+    base = peak_rss()
+    model = load_pretrained(sys.argv[2], quantize=Spec(4, 128)).model
+    print(peak_rss() - base, nbytes(model))
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the peak RSS from /proc/self/status")
+def test_a_quantized_load_holds_one_weight_in_high_precision(tmp_path):
+    """Loading a bf16 checkpoint as int4: peak RSS above the baseline < 1.3x the quantized model's bytes + the
+    largest weight in bf16 (the one being gathered and quantized) + 8 MiB; the bf16 model is 2.4x that."""
+    warm, big = tmp_path / "warm", tmp_path / "big"
+    save_hf(tiny_model(), warm, torch.bfloat16)
+    torch.manual_seed(0)
+    cfg = tiny_model().config.replace(vocab_size=2048, hidden_size=512, moe_intermediate_size=512, n_routed_experts=16,
+                                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
+                                      intermediate_size=1024,
+                                      q_lora_rank=128, kv_lora_rank=128)
+    model = Transformer(cfg)
+    sd = save_hf(model, big, torch.bfloat16, shard_bytes=16 << 20)
+    bf16 = sum(v.nbytes for v in sd.values())
+    largest = max(p.numel() for p in model.parameters()) * 2
+    out = subprocess.run([sys.executable, "-c", QUANTIZED_PEAK, str(warm), str(big)], capture_output=True, text=True,
+                         check=True)
+    above, quantized = (int(v) for v in out.stdout.split())
+    assert bf16 > 2 * (quantized + largest)
+    assert above < 1.3 * quantized + largest + (8 << 20), (above / 2**20, quantized / 2**20, largest / 2**20)
 
 
 def test_every_buffer_starts_at_zero():

@@ -22,6 +22,11 @@ def inference_args(p, sampling: bool = True) -> None:
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: as the checkpoint is stored (a bf16 folder stays bf16)")
+    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+                   help="weight-only int8 (per channel) or int4 (groups) on the CPU, quantized while loading; "
+                   "--dtype is then the activations' and the kept tensors' dtype")
+    p.add_argument("--group-size", type=int, default=128, help="--quantize int4: input channels per scale")
+    p.add_argument("--quantize-head", action="store_true", help="quantize the output head too (kept by default)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
     p.add_argument("--speculative", action="store_true", help="MTP speculative decoding")
     if sampling:
@@ -33,11 +38,15 @@ def inference_args(p, sampling: bool = True) -> None:
         p.add_argument("--stop", action="append", default=[], help="a stop string (repeatable)")
 
 
-def load_model(args):
-    """The model directory (run, checkpoint or HF format) on --device in --dtype, with its tokenizer."""
+def load_model(args, use: str = "text generation"):
+    """The model directory (run, checkpoint or HF format) on --device in --dtype, --quantize'd, with its
+    tokenizer."""
+    from nanoseek import quant
     from nanoseek.hf import load_pretrained
 
-    return load_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, needs_tokenizer="text generation")
+    spec = quant.parse(args.quantize, args.group_size, args.quantize_head)
+    return load_pretrained(args.checkpoint, device=args.device or ("cpu" if spec else None), dtype=args.dtype,
+                           needs_tokenizer=use, quantize=spec)
 
 
 def make_engine(args):

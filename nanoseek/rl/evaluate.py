@@ -287,11 +287,14 @@ def load_problems(task_names: Sequence[str], n: int, seed: int, **options) -> tu
 def main(args) -> int:
     """`nanoseek eval CHECKPOINT [--task ...] [--template] [--extractor] [--n] [--k] [--temperature] [--top-p]
     [--max-tokens] [--seed] [--out FILE.json]`: print the table, write the JSON report."""
+    from nanoseek import quant
     from nanoseek.hf import load_pretrained
 
     options = {k: v for k, v in (("template", args.template), ("extractor", args.extractor)) if v}
     problems, tasks = load_problems(args.task, args.n, args.seed, **options)
-    pre = load_pretrained(args.checkpoint, device=args.device, dtype=args.dtype, needs_tokenizer="evaluation")
+    spec = quant.parse(args.quantize, args.group_size, args.quantize_head)
+    pre = load_pretrained(args.checkpoint, device=args.device or ("cpu" if spec else None), dtype=args.dtype,
+                          needs_tokenizer="evaluation", quantize=spec)
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)  # validate early
     result = evaluate(pre.model, pre.tokenizer, problems, k=args.k, temperature=args.temperature, top_p=args.top_p,
                       max_tokens=args.max_tokens, seed=args.seed, batch_size=args.max_batch,

@@ -53,3 +53,22 @@ def test_chat_keeps_history_and_resets(tiny_run):
     # the first reply equals a one-shot completion of the same prompt, shown as a person reads it
     first = complete(Engine(pre.model, pre.tokenizer), ["hello"], SamplingParams(max_tokens=6))[0]
     assert readable(first["content"]) in text
+
+
+def test_generate_quantized(tiny_run, capsys):
+    """--quantize int4 loads the run quantized: the same tokens as quantizing the loaded model, greedy."""
+    from nanoseek.quant import Spec, quantize
+
+    run, _ = tiny_run
+    assert main(["generate", str(run), "--prompt", "12+7=", "--max-tokens", "12", "--json", "--speculative",
+                 "--quantize", "int4", "--group-size", "32"]) == 0
+    out = capsys.readouterr()
+    row = json.loads(out.out)
+    assert "int4 (groups of 32)" in out.err
+    pre = load_pretrained(run)
+    model = quantize(pre.model, Spec(4, 32))
+    ids = pre.tokenizer.apply_chat([{"role": "user", "content": "12+7="}])
+    expected = generate(model, [ids], SamplingParams(max_tokens=12), stop_ids=(pre.tokenizer.eos_id,))[0]
+    assert row["text"] == pre.tokenizer.decode([t for t in expected if t != pre.tokenizer.eos_id])
+    assert main(["generate", str(run), "--prompt", "x", "--quantize", "int4", "--group-size", "48"]) == 2
+    assert "must be one of (32, 64, 128, 256)" in capsys.readouterr().err

@@ -147,7 +147,8 @@ class _Block:
 
 
 _PLAIN = (nn.Linear, Head, RMSNorm, MLP, MoE, Gate, Experts)  # module types the plan reads (subclasses: FP8, expert
-# parallel; a kernel's class, nanoseek/kernels, names the plain class it computes as `kernel_of`)
+# parallel; a kernel's class, nanoseek/kernels, names the plain class it computes as `kernel_of`, and a module
+# whose `kernel_of` is None, nanoseek/quant, holds no plain weights)
 
 
 class Plan:
@@ -162,7 +163,8 @@ class Plan:
         self._mods, self._types = mods, [type(m) for m in mods]
         self.threads = torch.get_num_threads()
         self.usable = all(getattr(type(m), "kernel_of", type(m)) in _PLAIN for m in mods
-                          if isinstance(m, (nn.Linear, *_PLAIN)))
+                          if isinstance(m, (nn.Linear, *_PLAIN))) and \
+            not any(hasattr(type(m), "kernel_of") and type(m).kernel_of is None for m in mods)
         if not self.usable:
             return
         blocks = self.threads if model.embed_tokens.weight.device.type == "cpu" else 1
