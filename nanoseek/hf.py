@@ -339,7 +339,8 @@ def load_pretrained(path: str | Path, device: str | torch.device | None = "cpu",
     """Load a model (and its tokenizer, when the directory has one) ready for inference. device None: cuda
     when available, else cpu. dtype None or "auto": the checkpoint's (`_load_dtype`), or a torch.dtype or its
     name ("bfloat16"). needs_tokenizer names the use that requires a tokenizer.json (an error otherwise).
-    quantize: int8 / int4 weights (nanoseek.quant), each quantized as it is read (CPU only).
+    quantize: int8 / int4 weights (nanoseek.quant), each quantized as it is read (CPU only); dtype None or
+    "auto" is then bfloat16, the activations torch's packed kernels are fast with (fp32 ones: 3-6x slower).
 
     The model is built on the meta device (no random init) and filled tensor by tensor from the safetensors
     files, each read straight into its parameter when the dtype matches (no copy of the whole checkpoint on
@@ -359,7 +360,7 @@ def load_pretrained(path: str | Path, device: str | torch.device | None = "cpu",
     if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{cfg.num_hidden_layers}.")
                                                 for k in stored):
         cfg = cfg.replace(num_nextn_predict_layers=0)  # saved by transformers, which has no MTP module
-    dtype = _load_dtype(dtype, config, stored)
+    dtype = _load_dtype("bfloat16" if quantize is not None and dtype in (None, "auto") else dtype, config, stored)
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)  # the router biases stay fp32 (Gate._apply)
     try:

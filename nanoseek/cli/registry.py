@@ -24,7 +24,7 @@ def inference_args(p, sampling: bool = True) -> None:
                    help="auto: as the checkpoint is stored (a bf16 folder stays bf16)")
     p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
                    help="weight-only int8 (per channel) or int4 (groups) on the CPU, quantized while loading; "
-                   "--dtype is then the activations' and the kept tensors' dtype")
+                   "--dtype (auto: bfloat16) is then the activations' and the kept tensors' dtype")
     p.add_argument("--group-size", type=int, default=128, help="--quantize int4: input channels per scale")
     p.add_argument("--quantize-head", action="store_true", help="quantize the output head too (kept by default)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")

@@ -56,7 +56,7 @@ def test_chat_keeps_history_and_resets(tiny_run):
 
 
 def test_generate_quantized(tiny_run, capsys):
-    """--quantize int4 loads the run quantized: the same tokens as quantizing the loaded model, greedy."""
+    """--quantize int4 loads the (fp32) run quantized, in bf16: the same tokens as quantizing it loaded in bf16."""
     from nanoseek.quant import Spec, quantize
 
     run, _ = tiny_run
@@ -65,7 +65,7 @@ def test_generate_quantized(tiny_run, capsys):
     out = capsys.readouterr()
     row = json.loads(out.out)
     assert "int4 (groups of 32)" in out.err
-    pre = load_pretrained(run)
+    pre = load_pretrained(run, dtype="bfloat16")  # a quantized load computes in bf16 unless --dtype says
     model = quantize(pre.model, Spec(4, 32))
     ids = pre.tokenizer.apply_chat([{"role": "user", "content": "12+7="}])
     expected = generate(model, [ids], SamplingParams(max_tokens=12), stop_ids=(pre.tokenizer.eos_id,))[0]
