@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from nanoseek import gguf_io
 from nanoseek.config import ModelConfig, fmt_count, read_model_config
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.model import Transformer
@@ -198,6 +199,18 @@ def _layout(model: Transformer, plan: dict[str, str]) -> dict[str, tuple[str, to
     return {key: (owner[p], views[p]) if p in views else (p, state[p]) for key, p in plan.items()}
 
 
+def _read_into(dest: torch.Tensor, key: str, stored: dict[str, Stored], files: dict, block) -> None:
+    """Checkpoint tensor `key` into `dest`, converted to its dtype (FP8 dequantized with its block scales)."""
+    s, scale = stored[key], stored.get(key + "_scale_inv")
+    if scale is None and s.dtype == dest.dtype and dest.device.type == "cpu" and dest.is_contiguous():
+        _read(s, files, dest)  # no copy: the file's bytes land in the parameter
+    elif scale is not None:
+        q, inv = _read(s, files).to(dest.device), _read(scale, files).to(dest.device)
+        dest.copy_(dequantize_blockwise(q, inv, block, dest.dtype))
+    else:
+        dest.copy_(_read(s, files))
+
+
 @torch.no_grad()
 def _fill(model: Transformer, layout: dict[str, tuple[str, torch.Tensor]], stored: dict[str, Stored], block,
           staged: dict[str, Staged]) -> None:
@@ -221,15 +234,7 @@ def _fill(model: Transformer, layout: dict[str, tuple[str, torch.Tensor]], store
                 base = pending[unit][0]
             else:
                 base = state[name]
-            s, dest = stored[key], base.as_strided(view.shape, view.stride(), offset)
-            scale = stored.get(key + "_scale_inv")
-            if scale is None and s.dtype == dest.dtype and dest.device.type == "cpu" and dest.is_contiguous():
-                _read(s, files, dest)  # no copy: the file's bytes land in the parameter
-            elif scale is not None:
-                q, inv = _read(s, files).to(dest.device), _read(scale, files).to(dest.device)
-                dest.copy_(dequantize_blockwise(q, inv, block, dest.dtype))
-            else:
-                dest.copy_(_read(s, files))
+            _read_into(base.as_strided(view.shape, view.stride(), offset), key, stored, files, block)
             if name in staged:
                 pending[unit][1] -= view.numel()
                 if pending[unit][1] == 0:
@@ -238,19 +243,6 @@ def _fill(model: Transformer, layout: dict[str, tuple[str, torch.Tensor]], store
     finally:
         for f in files.values():
             f.close()
-
-
-def _materialize(model: Transformer, device: torch.device) -> Transformer:
-    """The meta model's tensors allocated (not initialized) on `device`, its buffers at their initial value:
-    zero (the router biases, its only buffers; RoPE tables are computed on first use), overwritten where the
-    checkpoint holds them. Buffers go first, for the _apply hooks that carry them over (Gate._apply)."""
-    for m in model.modules():
-        for name, b in list(m.named_buffers(recurse=False)):
-            setattr(m, name, torch.zeros(b.shape, dtype=b.dtype, device=device))
-    model = model.to_empty(device=device)
-    for b in model.buffers():
-        b.zero_()
-    return model
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -333,23 +325,9 @@ def locate(path: str | Path) -> tuple[Path, Path, ModelConfig]:
     return run, weights, cfg
 
 
-def load_pretrained(path: str | Path, device: str | torch.device | None = "cpu",
-                    dtype: torch.dtype | str | None = None, needs_tokenizer: str | None = None,
-                    quantize: Spec | None = None) -> Pretrained:
-    """Load a model (and its tokenizer, when the directory has one) ready for inference. device None: cuda
-    when available, else cpu. dtype None or "auto": the checkpoint's (`_load_dtype`), or a torch.dtype or its
-    name ("bfloat16"). needs_tokenizer names the use that requires a tokenizer.json (an error otherwise).
-    quantize: int8 / int4 weights (nanoseek.quant), each quantized as it is read (CPU only); dtype None or
-    "auto" is then bfloat16, the activations torch's packed kernels are fast with (fp32 ones: 3-6x slower).
-
-    The model is built on the meta device (no random init) and filled tensor by tensor from the safetensors
-    files, each read straight into its parameter when the dtype matches (no copy of the whole checkpoint on
-    the host). What the load needs is printed to stderr first; a load that cannot fit is refused."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if quantize is not None and device.type != "cpu":
-        raise ValueError(f"--quantize {quantize.name} runs on torch's CPU kernels; device {device} is not the CPU")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device}: this machine (torch {torch.__version__}) has no usable CUDA GPU")
+def _open(path: str | Path, dtype, quantized: bool):
+    """A folder's (run dir, weights dir, meta model in the load dtype, stored tensors, _plan's plan and absent
+    buffers, FP8 block size)."""
     run, weights, cfg = locate(path)
     config = _read_json(run / "config.json")
     quant = config.get("quantization_config") or {}
@@ -360,21 +338,53 @@ def load_pretrained(path: str | Path, device: str | torch.device | None = "cpu",
     if cfg.num_nextn_predict_layers and not any(k.startswith(f"model.layers.{cfg.num_hidden_layers}.")
                                                 for k in stored):
         cfg = cfg.replace(num_nextn_predict_layers=0)  # saved by transformers, which has no MTP module
-    dtype = _load_dtype("bfloat16" if quantize is not None and dtype in (None, "auto") else dtype, config, stored)
+    dtype = _load_dtype("bfloat16" if quantized and dtype in (None, "auto") else dtype, config, stored)
     with torch.device("meta"):
         model = Transformer(cfg).to(dtype)  # the router biases stay fp32 (Gate._apply)
     try:
         plan, absent = _plan(model, stored)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from None
+    return run, weights, model, stored, plan, absent, tuple(block)
+
+
+def load_pretrained(path: str | Path, device: str | torch.device | None = "cpu",
+                    dtype: torch.dtype | str | None = None, needs_tokenizer: str | None = None,
+                    quantize: Spec | str | None = None) -> Pretrained:
+    """Load a model (and its tokenizer, when the directory has one) ready for inference. device None: cuda
+    when available, else cpu. dtype None or "auto": the checkpoint's (`_load_dtype`), or a torch.dtype or its
+    name ("bfloat16"). needs_tokenizer names the use that requires a tokenizer.json (an error otherwise).
+    quantize: int8 / int4 weights (nanoseek.quant), each quantized as it is read (CPU only); dtype None or
+    "auto" is then bfloat16, the activations torch's packed kernels are fast with (fp32 ones: 3-6x slower).
+    None: as stored. A `.gguf` file is read by gguf_io.read (None keeps its blocks, "none" dequantizes them).
+
+    The model is built on the meta device (no random init) and filled tensor by tensor from the safetensors
+    files, each read straight into its parameter when the dtype matches (no copy of the whole checkpoint on
+    the host). What the load needs is printed to stderr first; a load that cannot fit is refused."""
+    if Path(path).suffix == ".gguf" and Path(path).is_file():
+        model, tokenizer = gguf_io.read(path, device, dtype, {None: "auto", "none": None}.get(quantize, quantize))
+        if tokenizer is None and needs_tokenizer:
+            raise ValueError(f"{path} has no tokenizer: {needs_tokenizer} needs one")
+        return Pretrained(model, tokenizer, Path(path).stem, Path(path))
+    quantize = None if quantize == "none" else quantize
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if quantize is not None and device.type != "cpu":
+        raise ValueError(f"--quantize {quantize.name} runs on torch's CPU kernels; device {device} is not the CPU")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: this machine (torch {torch.__version__}) has no usable CUDA GPU")
+    run, weights, model, stored, plan, absent, block = _open(path, dtype, quantize is not None)
+    cfg, dtype = model.config, model.embed_tokens.weight.dtype
+    try:
         layout = _layout(model, plan)
         staged = {} if quantize is None else shells(model, quantize)
     except ValueError as e:
         raise ValueError(f"{weights}: {e}") from None
     _check_memory(model, stored, plan, device, dtype, weights, staged, quantize)
-    model = _materialize(model, device)
+    model = gguf_io.materialize(model, device)
     if absent:
         print(f"nanoseek: {weights} lacks {len(absent)} buffers ({absent[0]}, ...): they start at zero",
               file=sys.stderr)
-    _fill(model, layout, stored, tuple(block), staged)
+    _fill(model, layout, stored, block, staged)
     model.eval()
     tokenizer = Tokenizer.load(run) if (run / "tokenizer.json").is_file() else None
     if tokenizer is None and needs_tokenizer:
@@ -436,3 +446,29 @@ def export(path: str | Path, out_dir: str | Path, max_shard_bytes: int = 5 << 30
         pre.tokenizer.config.setdefault("model_max_length", cfg.max_position_embeddings)
         pre.tokenizer.save(out)
     return out
+
+
+def export_gguf(path: str | Path, out: str | Path, qtype: str = "f32") -> Path:
+    """A run / checkpoint / HF directory -> one GGUF file for llama.cpp (gguf_io.write), streamed: each tensor
+    is read from the checkpoint when it is written, so a model larger than memory exports too."""
+    run, weights, model, stored, plan, _, block = _open(path, "float32", False)
+    if not (run / "tokenizer.json").is_file():
+        raise ValueError(f"{run} has no tokenizer.json: a GGUF file carries the tokenizer")
+    layout, state = _layout(model, plan), model.state_dict()
+    keys = collections.defaultdict(list)
+    for key, (name, _) in layout.items():
+        keys[name].append(key)
+
+    @torch.no_grad()
+    def tensor(name: str) -> torch.Tensor:
+        out, files = torch.zeros(state[name].shape, dtype=state[name].dtype), {}  # absent buffers: zero
+        try:
+            for key in keys[name]:
+                view = layout[key][1]
+                _read_into(out.as_strided(view.shape, view.stride(), view.storage_offset()), key, stored, files, block)
+        finally:
+            for f in files.values():
+                f.close()
+        return out
+
+    return gguf_io.write(model.config, Tokenizer.load(run), run.resolve().name, out, qtype, tensor)

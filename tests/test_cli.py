@@ -30,6 +30,24 @@ def test_what_is_not_an_override_is_still_refused(capsys):
     assert "unrecognized arguments: x=1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, asked", [
+    (["train", "--quantize", "int4"], "--quantize"), (["sft", "init=runs/x", "--group-size=64"], "--group-size=64"),
+    (["rl", "--quantize-head"], "--quantize-head"), (["distill", "quantize=int8"], "quantize=int8"),
+    (["train", "model.quantize=int4"], "model.quantize=int4"),
+    (["distill", "distill.quantize=int4"], "distill.quantize=int4"), (["demo", "--quantize", "int8"], "--quantize"),
+], ids=lambda a: " ".join(a) if isinstance(a, list) else None)
+def test_a_training_command_refuses_quantize(capsys, argv, asked):
+    """Quantized weights are for inference: a training command says so, and where --quantize is taken."""
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"{argv[0]} {asked}: quantized weights are for inference only (the packed " \
+        "int8/int4 weights are not trainable); --quantize is an option of generate, chat, serve and eval" in err
+    assert ("distill.teacher_quantize=int8|int4" in err) == (argv[0] == "distill")
+    assert parse_args(["rl", "group_size=4"]).overrides == ["group_size=4"]  # GRPO's G, not a quantization's
+    assert parse_args(["distill", "distill.teacher_quantize=int4"]).overrides == ["distill.teacher_quantize=int4"]
+
+
 @pytest.mark.parametrize("override, message", [
     ("out_dir=X", "'out_dir=X' would be ignored: the student is written to distill.out_dir/student; did you mean "
                   "distill.out_dir=X?"),

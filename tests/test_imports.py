@@ -23,7 +23,8 @@ ALLOWED = {
     "cost_report": {"config", "cost", "peak", "table"},  # the formulas' tables (`nanoseek cost`)
     "plan": {"config", "cost", "peak", "table"},
     "quant": {"config", "model"},  # int8 / int4 weights swapped into a built model from outside (quant.quantize)
-    "hf": {"config", "data", "model", "quant", "runs"},  # model folders in and out
+    "gguf_io": {"config", "data", "model", "quant"},  # GGUF files in and out (llama.cpp's deepseek2)
+    "hf": {"config", "data", "gguf_io", "model", "quant", "runs"},  # model folders (and GGUF files) in and out
     "parallel": {"config", "model", "runs"},  # applied to a plain model from outside
     "infer": {"config", "data", "hf", "kernels", "model", "quant"},  # serving knows no training, RL or distribution
     "train": {"config", "cost", "data", "hf", "kernels", "parallel", "model", "peak", "report", "runs", "runtime"},

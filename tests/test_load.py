@@ -254,7 +254,7 @@ def test_a_quantized_load_holds_one_weight_in_high_precision(tmp_path):
 
 
 def test_every_buffer_starts_at_zero():
-    """The loader sets the buffers of a model it builds on the meta device to zero (hf._materialize): true of
+    """The loader sets the buffers of a model it builds on the meta device to zero (gguf_io.materialize): true of
     every buffer of a fresh model, and each is in the state dict (none is computed at init and left out)."""
     model = Transformer(tiny_model().config)
     names = [n for n, _ in model.named_buffers()]

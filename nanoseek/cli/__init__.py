@@ -31,11 +31,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     (argparse alone ends a `nargs="*"` positional at the first flag)."""
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
+    if args.func.__module__ == train.__name__ and (asked := _quantize_asked(args, rest)):
+        parser.error(f"{args.command} {asked}: quantized weights are for inference only (the packed int8/int4 "
+                     "weights are not trainable); --quantize is an option of generate, chat, serve and eval"
+                     + {"distill": "; the teacher's is distill.teacher_quantize=int8|int4",
+                        "rl": "; GRPO's group size is the override group_size=N"}.get(args.command, ""))
     if rest and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in rest):
         args.overrides = [*args.overrides, *rest]
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     return args
+
+
+def _quantize_asked(args: argparse.Namespace, rest: list[str]) -> str | None:
+    """The first --quantize / --group-size / --quantize-head flag, or quantize= / quantize_head= override (any
+    dotted form), on the command line; None when there is none."""
+    flags = [a for a in rest if a.partition("=")[0] in ("--quantize", "--group-size", "--quantize-head")]
+    keys = [o for o in getattr(args, "overrides", [])
+            if o.partition("=")[0].strip().rpartition(".")[2] in ("quantize", "quantize_head")]
+    return next(iter(flags + keys), None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -105,9 +105,11 @@ def cmd_serve(args) -> int:
 
 def _export_flags(p: argparse.ArgumentParser, fp8: bool = True) -> None:
     p.add_argument("checkpoint", help="a run directory, a checkpoint, or an HF model directory")
-    p.add_argument("out", help="the folder to write")
+    p.add_argument("out", help="the folder to write (with --gguf: the .gguf file)")
     p.add_argument("--max-shard-gb", type=float, default=5.0, help="safetensors shard size limit")
     if fp8:
+        p.add_argument("--gguf", choices=["f32", "bf16", "q8_0", "q4_0"],
+                       help="one GGUF file instead, for llama.cpp / Ollama (architecture deepseek2)")
         p.add_argument("--fp8", action="store_true", help="V3's FP8 format: e4m3 weights + fp32 scale per "
                        "128x128 block for the linear layers and experts (embedding, head, norms, gate kept)")
         p.add_argument("--scale-fmt", default="fp32", choices=["fp32", "ue8m0"],
@@ -115,18 +117,41 @@ def _export_flags(p: argparse.ArgumentParser, fp8: bool = True) -> None:
 
 
 @command("import", "a DeepSeek-V3/V2 Hugging Face folder (FP8 dequantized) as a plain fp32 one",
-         lambda p: _export_flags(p, fp8=False), fp8=False, scale_fmt="fp32")
+         lambda p: _export_flags(p, fp8=False), fp8=False, scale_fmt="fp32", gguf=None)
 @command("export", "a run or checkpoint as a Hugging Face folder (transformers loads it)", _export_flags,
          fp8=False, scale_fmt="fp32")
 def cmd_export(args) -> int:
     """A run, checkpoint or DeepSeek folder (FP8 dequantized) as a plain Hugging Face folder, or with --fp8 in
     V3's FP8 format (nanoseek/hf.py)."""
-    from nanoseek.hf import export
+    from nanoseek.hf import export, export_gguf
 
+    if args.gguf:
+        out = export_gguf(args.checkpoint, args.out, args.gguf)
+        print(f"exported {args.checkpoint} to {out} ({args.gguf}): llama.cpp, Ollama and every nanoseek inference "
+              f"command load it")
+        return 0
     out = export(args.checkpoint, args.out, max_shard_bytes=int(args.max_shard_gb * (1 << 30)), fp8=args.fp8,
                  scale_fmt=args.scale_fmt)
     print(f"exported {args.checkpoint} to {out}{' (FP8, V3 format)' if args.fp8 else ''}: "
           f"AutoModelForCausalLM.from_pretrained('{out}') loads it")
+    return 0
+
+
+def _quantize_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a run directory, a checkpoint, or an HF model directory")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--bits", type=int, choices=[4, 8], default=4, help="4: Q4_0 (int4 in groups of 32, loaded "
+                   "as they are), 8: Q8_0 (loaded as int8 per channel)")
+
+
+@command("quantize", "a run or folder as a quantized GGUF file (Q4_0 / Q8_0) that loads without requantizing",
+         _quantize_flags)
+def cmd_quantize(args) -> int:
+    """Weights quantized once, into a format llama.cpp reads too (nanoseek/gguf_io.py)."""
+    from nanoseek.hf import export_gguf
+
+    out = export_gguf(args.checkpoint, args.out, "q4_0" if args.bits == 4 else "q8_0")
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): nanoseek generate|chat|serve {out}")
     return 0
 
 

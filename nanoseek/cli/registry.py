@@ -18,13 +18,15 @@ def command(name: str, text: str, flags: Callable[[argparse.ArgumentParser], Non
 
 
 def inference_args(p, sampling: bool = True) -> None:
-    p.add_argument("checkpoint", help="a run directory (latest checkpoint), a checkpoint, or an HF model directory")
+    p.add_argument("checkpoint", help="a run directory (latest checkpoint), a checkpoint, an HF model directory or "
+                   "a deepseek2 .gguf file")
     p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="auto: as the checkpoint is stored (a bf16 folder stays bf16)")
-    p.add_argument("--quantize", default="none", choices=["none", "int8", "int4"],
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
                    help="weight-only int8 (per channel) or int4 (groups) on the CPU, quantized while loading; "
-                   "--dtype (auto: bfloat16) is then the activations' and the kept tensors' dtype")
+                   "--dtype (auto: bfloat16) is then the activations' and the kept tensors' dtype. auto: a .gguf "
+                   "file's own precision (4-bit blocks: int4 in groups of 32, others int8), none for a folder")
     p.add_argument("--group-size", type=int, default=128, help="--quantize int4: input channels per scale")
     p.add_argument("--quantize-head", action="store_true", help="quantize the output head too (kept by default)")
     p.add_argument("--max-batch", type=int, default=16, help="rows decoded together (continuous batching)")
@@ -45,8 +47,8 @@ def load_model(args, use: str = "text generation"):
     from nanoseek.hf import load_pretrained
 
     spec = quant.parse(args.quantize, args.group_size, args.quantize_head)
-    return load_pretrained(args.checkpoint, device=args.device or ("cpu" if spec else None), dtype=args.dtype,
-                           needs_tokenizer=use, quantize=spec)
+    return load_pretrained(args.checkpoint, device=args.device or ("cpu" if isinstance(spec, quant.Spec) else None),
+                           dtype=args.dtype, needs_tokenizer=use, quantize=spec)
 
 
 def make_engine(args):

@@ -25,13 +25,16 @@ from nanoseek.quant.modules import BITS, QuantExperts, QuantLinear, Spec
 KEEP = ("lm_head", "kv_b_proj")  # module names kept in high precision (above); lm_head unless Spec.head
 
 
-def parse(name: str | None, group_size: int = 128, head: bool = False) -> Spec | None:
-    """"int8" / "int4" (the --quantize flag) -> Spec; None / "none" -> None."""
-    if name in (None, "none"):
+def parse(name: str | None, group_size: int = 128, head: bool = False) -> Spec | str | None:
+    """The --quantize flag: "int8" / "int4" -> Spec; None / "auto" -> None, the weights as stored (a GGUF file's
+    blocks kept, gguf_io.read); "none" as it is: nothing quantized (a GGUF file's blocks dequantized)."""
+    if name in (None, "auto"):
         return None
+    if name == "none":
+        return name
     allowed = {f"int{b}": b for b in BITS}
     if name not in allowed:
-        raise ValueError(f"--quantize {name!r} must be one of {', '.join(allowed)} or none")
+        raise ValueError(f"--quantize {name!r} must be one of {', '.join(allowed)}, auto or none")
     return Spec(allowed[name], group_size, head)
 
 

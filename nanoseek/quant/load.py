@@ -37,11 +37,14 @@ class Staged(NamedTuple):
     per_row: bool
 
 
-def shells(model: nn.Module, spec: Spec) -> dict[str, Staged]:
-    """Swap the meta model's quantization targets (targets) for empty quantized modules; returns what
-    hf._fill stages: state name -> the weight's shape and the quantized module's function that takes it."""
+def shells(model: nn.Module, spec: Spec, only: Callable[[str], bool] = lambda name: True) -> dict[str, Staged]:
+    """Swap the meta model's quantization targets (targets; those `only` accepts) for empty quantized modules;
+    returns what hf._fill stages: state name -> the weight's shape and the quantized module's function that
+    takes it."""
     staged = {}
     for name, m in targets(model, spec).items():
+        if not only(name):
+            continue
         dtype = (m.weight if isinstance(m, nn.Linear) else m.gate_up_proj).dtype
         shell = empty(m, spec, dtype, name)
         if isinstance(m, nn.Linear):

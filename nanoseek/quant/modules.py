@@ -54,9 +54,17 @@ class Spec:
         return N * K // 2 + 2 * N * (K // self.group_size) * dtype.itemsize
 
 
-def _register(owner: nn.Module, prefix: str, w: torch.Tensor, spec: Spec, dtype: torch.dtype) -> None:
-    """One (N, K) weight in the spec's layout, as buffers `{prefix}q` and `{prefix}scales` of `owner`."""
-    q, scales = quantize_int8(w, dtype) if spec.bits == 8 else pack_int4(*quantize_int4(w, spec.group_size, dtype))
+def _register(owner: nn.Module, prefix: str, w: torch.Tensor | None, spec: Spec, dtype: torch.dtype,
+              qsz: tuple[torch.Tensor, ...] | None = None) -> None:
+    """One (N, K) weight in the spec's layout, as buffers `{prefix}q` and `{prefix}scales` of `owner`; or, for
+    int4, its values already quantized: qsz = (q, s, z) as quantize_int4 returns them (a GGUF file's blocks)."""
+    if spec.bits == 8:
+        q, scales = quantize_int8(w, dtype)
+    else:
+        q, s, z = qsz if qsz is not None else quantize_int4(w, spec.group_size, dtype)
+        if s.shape[1] * spec.group_size != q.shape[1]:
+            raise ValueError(f"int4 values in groups of {q.shape[1] // s.shape[1]}, not {spec.group_size}")
+        q, scales = pack_int4(q, s.to(dtype), z.to(dtype))
     owner.register_buffer(f"{prefix}q", q)
     owner.register_buffer(f"{prefix}scales", scales)
 
@@ -87,6 +95,10 @@ class QuantLinear(nn.Module):
 
     def set_weight(self, w: torch.Tensor) -> None:
         _register(self, "", w, self.spec, self.dtype)
+
+    def set_int4(self, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor) -> None:
+        """The weight as int4 values already (q, s, z: layouts.quantize_int4's), packed as they are."""
+        _register(self, "", None, self.spec, self.dtype, (q, s, z))
 
     def nbytes(self) -> int:
         return self.spec.packed_bytes((self.out_features, self.in_features), self.dtype)
@@ -119,6 +131,10 @@ class QuantExperts(nn.Module):
         `expert`, that expert's (2I, H) or (H, I) only."""
         for e in range(self.n_experts) if expert is None else (expert,):
             _register(self, f"{which}_{e}_", w[e] if expert is None else w, self.spec, self.dtype)
+
+    def set_int4(self, which: str, q: torch.Tensor, s: torch.Tensor, z: torch.Tensor, expert: int) -> None:
+        """One expert's weight as int4 values already (QuantLinear.set_int4)."""
+        _register(self, f"{which}_{expert}_", None, self.spec, self.dtype, (q, s, z))
 
     def nbytes(self) -> int:
         return self.n_experts * sum(self.spec.packed_bytes(self._shape(w), self.dtype)

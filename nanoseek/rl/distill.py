@@ -1,7 +1,8 @@
 """`nanoseek distill`: rejection sampling and distillation (R1 paper §2.3.3, §2.4).
 
     1. the teacher samples k completions for each of `prompts` training-split problems (the inference
-       engine, continuous batching; T and top-p as configured)
+       engine, continuous batching; T and top-p as configured), weight-only int8 / int4 with
+       distill.teacher_quantize (nanoseek.quant)
     2. only verified-correct completions are kept (the task's checker or math-verify: rewards.answer_correct),
        distinct texts, at most `per_prompt` per problem
     3. they become chat SFT data ({"messages": [user, assistant]} JSONL, then shards with the student's
@@ -25,6 +26,7 @@ from nanoseek.data.tasks import Problem, get_task
 from nanoseek.data.tokenizer import Tokenizer
 from nanoseek.hf import load_pretrained, locate
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.quant import Spec, parse
 from nanoseek.rl.evaluate import generate_completions, prompt_ids, sample_seed
 from nanoseek.rl.rewards import accuracy_reward
 from nanoseek.train.config import TrainConfig, load_train_config
@@ -44,12 +46,24 @@ class DistillConfig:
     top_p: float = 0.95
     max_tokens: int = 64
     seed: int = 0
+    teacher_quantize: str = "none"  # int8 / int4: the teacher loaded with weight-only quantization, on the CPU
+    teacher_group_size: int = 128  # teacher_quantize=int4: input channels per scale
 
     def __post_init__(self):
-        for name in ("prompts", "k", "per_prompt", "max_tokens"):
+        for name in ("prompts", "k", "per_prompt", "max_tokens", "teacher_group_size"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if self.teacher_quantize not in ("none", "int8", "int4"):
+            raise ValueError(f"teacher_quantize={self.teacher_quantize!r} must be one of none, int8, int4")
+        try:
+            self.teacher_spec()
+        except ValueError as e:
+            raise ValueError(f"teacher_group_size={self.teacher_group_size}: {e}") from None
         SamplingParams(temperature=self.temperature, top_p=self.top_p)  # same rules as sampling
+
+    def teacher_spec(self) -> Spec | None:
+        """The teacher's quantization (nanoseek.quant), None for teacher_quantize=none."""
+        return None if self.teacher_quantize == "none" else parse(self.teacher_quantize, self.teacher_group_size)
 
 
 # student TrainConfig keys that distill sets itself: an override of them would be silently ignored
@@ -119,7 +133,8 @@ def distill(cfg: DistillConfig, student_config: str | None, student_overrides: l
     check_student_overrides(student_overrides)
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    teacher = load_pretrained(cfg.teacher, needs_tokenizer="the teacher")
+    spec = cfg.teacher_spec()  # on the CPU either way (load_pretrained's default); quantized: bf16 activations
+    teacher = load_pretrained(cfg.teacher, needs_tokenizer="the teacher", quantize=spec)
     names = [t.strip() for t in cfg.tasks.split(",") if t.strip()]
     problems = [p for name in names for p in get_task(name).sample(cfg.prompts, "train", seed=cfg.seed,
                                                                    difficulty=cfg.difficulty)]
@@ -142,8 +157,8 @@ def distill(cfg: DistillConfig, student_config: str | None, student_overrides: l
     tokenizer = student_tokenizer(student.init) or teacher.tokenizer
     stats = prepare([data], tokenizer, shards, val_fraction=0.05, seed=cfg.seed, progress=not quiet)
     samples = len(problems) * cfg.k
-    summary = {"teacher": cfg.teacher, "problems": len(problems), "samples": samples, "verified": verified,
-               "acceptance": verified / samples, "kept": len(kept),
+    summary = {"teacher": cfg.teacher, "teacher_quantize": spec.name if spec else "none", "problems": len(problems),
+               "samples": samples, "verified": verified, "acceptance": verified / samples, "kept": len(kept),
                "problems_covered": len({p.prompt for p, _ in kept}) / len(problems),
                "tokens": stats["train"]["tokens"] + stats["val"]["tokens"], "config": dataclasses.asdict(cfg)}
     if not quiet:

@@ -293,7 +293,8 @@ def main(args) -> int:
     options = {k: v for k, v in (("template", args.template), ("extractor", args.extractor)) if v}
     problems, tasks = load_problems(args.task, args.n, args.seed, **options)
     spec = quant.parse(args.quantize, args.group_size, args.quantize_head)
-    pre = load_pretrained(args.checkpoint, device=args.device or ("cpu" if spec else None), dtype=args.dtype,
+    pre = load_pretrained(args.checkpoint, device=args.device or ("cpu" if isinstance(spec, quant.Spec) else None),
+                          dtype=args.dtype,
                           needs_tokenizer="evaluation", quantize=spec)
     SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p)  # validate early
     result = evaluate(pre.model, pre.tokenizer, problems, k=args.k, temperature=args.temperature, top_p=args.top_p,

@@ -81,7 +81,8 @@ def test_a_group_that_does_not_divide_names_the_tensor_and_changes_nothing():
 
 
 def test_parse():
-    assert parse(None) is None and parse("none") is None
+    assert parse(None) is None and parse("auto") is None  # as stored (a GGUF file's blocks kept)
+    assert parse("none") == "none"  # nothing quantized (a GGUF file's blocks dequantized)
     assert parse("int8") == Spec(8) and parse("int4", 64) == Spec(4, 64)
-    with pytest.raises(ValueError, match="must be one of int8, int4 or none"):
+    with pytest.raises(ValueError, match="must be one of int8, int4, auto or none"):
         parse("int3")

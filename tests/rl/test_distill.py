@@ -8,6 +8,7 @@ from nanoseek.data.tasks import get_task
 from nanoseek.hf import load_pretrained
 from nanoseek.infer.engine import Engine
 from nanoseek.infer.sampling import SamplingParams
+from nanoseek.quant import QuantExperts, QuantLinear
 from nanoseek.rl import distill as distill_mod
 from nanoseek.rl.distill import DistillConfig, select_verified
 from nanoseek.rl.evaluate import sample_seed
@@ -89,3 +90,31 @@ def test_distill_with_nothing_verified_says_so(tiny_run, tmp_path, capsys):
     assert "got none of 8 x 4 samples right" in capsys.readouterr().err
     with pytest.raises(ValueError, match="k=0 must be a positive integer"):
         DistillConfig(k=0)
+
+
+def test_a_quantized_teacher_samples_and_a_student_learns(tiny_run, tmp_path, monkeypatch):
+    """distill.teacher_quantize=int4: the teacher is loaded with packed int4 weights (groups of 32, tiny's
+    smallest input), its real sampling runs, and the run records the choice; bad values are refused by name."""
+    run, _ = tiny_run
+    seen, sample_teacher = [], distill_mod.sample_teacher
+
+    def teacher(model, tok, problems, cfg, progress):
+        seen.append({type(m) for m in model.modules()})
+        real = sample_teacher(model, tok, problems, cfg, progress)
+        assert [len(texts) for texts in real] == [cfg.k] * len(problems)
+        return [[p.completion, "<think></think><answer>-1</answer>"] for p in problems]  # stand-in, as above
+
+    monkeypatch.setattr(distill_mod, "sample_teacher", teacher)
+    out = tmp_path / "distill"
+    assert main(["distill", f"distill.teacher={run}", f"distill.out_dir={out}", "distill.tasks=add",
+                 "distill.prompts=40", "distill.k=2", "distill.max_tokens=8", "distill.teacher_quantize=int4",
+                 "distill.teacher_group_size=32", "preset=tiny", "steps=3", "batch_size=2", "data.seq_len=32",
+                 "eval_every=3", "eval_batches=1", "ckpt_every=3", "--quiet"]) == 0
+    assert QuantLinear in seen[0] and QuantExperts in seen[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["teacher_quantize"] == "int4 (groups of 32)" and summary["config"]["teacher_group_size"] == 32
+    assert summary["kept"] == 40 and (out / "student" / "checkpoints" / "latest").is_file()
+    with pytest.raises(ValueError, match="teacher_quantize='int3' must be one of none, int8, int4"):
+        DistillConfig(teacher_quantize="int3")
+    with pytest.raises(ValueError, match=r"teacher_group_size=100: int4 group size 100 must be one of"):
+        DistillConfig(teacher_quantize="int4", teacher_group_size=100)
