@@ -65,7 +65,7 @@ from nanoseek.infer.engine import Engine
 from decode_frameworks import build_hf, build_ours, hf_experts_impl, run_hf, run_ours, small_config
 from decode_mtp import log_spec_table, mtp_section, spec_compare  # (bench/ is on a bench script's path)
 from decode_profile import profile_decode
-from hostload import Guard, bandwidth_gbs, cpu_busy_s, own_cpu_s, wait_idle
+from hostload import Guard, bandwidth_gbs, cpu_busy_s, own_cpu_s, report_load, wait_idle
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -372,14 +372,7 @@ def main():
 
     log_spec_table(mtp, small_spec, log)
 
-    results["other_cores_busy_per_section"] = guard.record
-    results["wall_s"] = wall = time.perf_counter() - t_all
-    other = max(0.0, (cpu_busy_s() - cpu0) - (own_cpu_s() - own0)) / wall
-    results["other_cores_busy_during_run"] = other
-    worst = max(guard.record.items(), key=lambda kv: kv[1], default=("-", 0.0))
-    log(f"\ntotal {wall:.0f} s (waits included); other processes kept {other:.2f} cores busy on average, at most "
-        f"{worst[1]:.2f} during a timed section ({worst[0]})"
-        + (" -> timings disturbed: rerun on an idle machine, e.g. with --wait-idle 600" if worst[1] > 0.25 else ""))
+    report_load(results, guard, t_all, cpu0, own0, log)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=str))
         log(f"wrote {args.json}")

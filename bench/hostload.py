@@ -78,3 +78,16 @@ def bandwidth_gbs() -> float:
         x.sum()
         best = min(best, time.perf_counter() - t0)
     return x.numel() * 4 / best / 1e9
+
+
+def report_load(results: dict, guard: Guard, t_all: float, cpu0: float, own0: float, log) -> None:
+    """Record and print the run's wall time and how busy other processes kept the cores (on average since
+    t_all / cpu0 / own0, and the worst timed section)."""
+    results["other_cores_busy_per_section"] = guard.record
+    results["wall_s"] = wall = time.perf_counter() - t_all
+    other = max(0.0, (cpu_busy_s() - cpu0) - (own_cpu_s() - own0)) / wall
+    results["other_cores_busy_during_run"] = other
+    worst = max(guard.record.items(), key=lambda kv: kv[1], default=("-", 0.0))
+    log(f"\ntotal {wall:.0f} s (waits included); other processes kept {other:.2f} cores busy on average, at most "
+        f"{worst[1]:.2f} during a timed section ({worst[0]})"
+        + (" -> timings disturbed: rerun on an idle machine, e.g. with --wait-idle 600" if worst[1] > 0.25 else ""))

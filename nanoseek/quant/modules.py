@@ -15,16 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nanoseek.quant.layouts import (INT4_ROWS, check_int4, dequantize_int8, int4_mm, int8_mm, pack_int4,
-                                    quantize_int4, quantize_int8)
+from nanoseek.quant.layouts import (INT4_GROUPS, INT4_ROWS, check_int4, dequantize_int8, int4_mm, int8_mm,
+                                    pack_int4, quantize_int4, quantize_int8)
 
 BITS = (8, 4)
 
 
 @dataclass(frozen=True)
 class Spec:
-    """bits: 8 (int8, per output channel) or 4 (int4, in groups of `group_size` along the input); head: the
-    output head too (kept in the model's dtype by default)."""
+    """bits: 8 (int8, per output channel) or 4 (int4, in groups of `group_size` along the input: a weight whose
+    input dimension it does not divide takes the largest smaller group that does, as V2-Lite's dense FFN, 10944
+    = 64 x 171, needs); head: the output head too (kept in the model's dtype by default)."""
 
     bits: int = 4
     group_size: int = 128
@@ -40,10 +41,18 @@ class Spec:
     def name(self) -> str:
         return "int8" if self.bits == 8 else f"int4 (groups of {self.group_size})"
 
+    def group(self, shape: tuple[int, ...], name: str = "weight") -> int:
+        """The int4 group a (N, K) weight takes (module docstring); a clear error where none fits."""
+        fits = [g for g in INT4_GROUPS if g <= self.group_size and shape[1] % g == 0]
+        if not fits:
+            raise ValueError(f"{name} {tuple(shape)}: no int4 group size of {INT4_GROUPS} up to {self.group_size} "
+                             f"divides its input dimension {shape[1]}; use --quantize int8")
+        return max(fits)
+
     def check(self, shape: tuple[int, ...], name: str) -> None:
         """A clear error where a weight of `shape` (N, K) has no layout under this spec."""
         if self.bits == 4:
-            check_int4(shape, self.group_size, name)
+            self.group(shape, name)
 
     def packed_bytes(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
         """Bytes of a (N, K) weight in this layout, scales (and zeros) in `dtype` included."""
@@ -51,7 +60,7 @@ class Spec:
         if self.bits == 8:
             return N * K + N * dtype.itemsize
         N += -N % INT4_ROWS
-        return N * K // 2 + 2 * N * (K // self.group_size) * dtype.itemsize
+        return N * K // 2 + 2 * N * (K // self.group(shape)) * dtype.itemsize
 
 
 def _register(owner: nn.Module, prefix: str, w: torch.Tensor | None, spec: Spec, dtype: torch.dtype,
@@ -61,9 +70,10 @@ def _register(owner: nn.Module, prefix: str, w: torch.Tensor | None, spec: Spec,
     if spec.bits == 8:
         q, scales = quantize_int8(w, dtype)
     else:
-        q, s, z = qsz if qsz is not None else quantize_int4(w, spec.group_size, dtype)
-        if s.shape[1] * spec.group_size != q.shape[1]:
-            raise ValueError(f"int4 values in groups of {q.shape[1] // s.shape[1]}, not {spec.group_size}")
+        group = spec.group(tuple((w if qsz is None else qsz[0]).shape))
+        q, s, z = qsz if qsz is not None else quantize_int4(w, group, dtype)
+        if s.shape[1] * group != q.shape[1]:
+            raise ValueError(f"int4 values in groups of {q.shape[1] // s.shape[1]}, not {group}")
         q, scales = pack_int4(q, s.to(dtype), z.to(dtype))
     owner.register_buffer(f"{prefix}q", q)
     owner.register_buffer(f"{prefix}scales", scales)

@@ -73,9 +73,16 @@ def test_mtp_speculation_on_a_quantized_model_equals_its_greedy():
     assert [r.tokens for r in reqs] == plain and engine.stats["drafted"] > 0
 
 
-def test_a_group_that_does_not_divide_names_the_tensor_and_changes_nothing():
-    model = tiny_model()
-    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_a_proj\.weight \(32, 64\).*does not divide"):
+def test_a_weight_takes_the_largest_group_that_divides_it():
+    """Groups of 128 where they fit; q_a_proj (K = 64) in 64s, q_b_proj and the experts' down_proj (K = 32) in 32s."""
+    model = quantize(tiny_model(), Spec(4, 128))
+    attn = model.layers[0].self_attn
+    assert 64 // attn.q_a_proj.scales.shape[0] == 64 and 32 // attn.q_b_proj.scales.shape[0] == 32
+
+
+def test_a_weight_no_group_divides_names_the_tensor_and_changes_nothing():
+    model = tiny_model(q_lora_rank=48)
+    with pytest.raises(ValueError, match=r"layers\.0\.self_attn\.q_b_proj\.weight \(96, 48\): no int4 group size"):
         quantize(model, Spec(4, 128))
     assert not any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules())
 
